@@ -1,0 +1,508 @@
+//! The drain core: how much work this process still owes its clients.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::layer::GracefulLayer;
+
+/// A handle on the work this process still owes its clients.
+///
+/// `Graceful` counts in-flight requests (from the moment a request reaches
+/// [`GracefulLayer`] until its response body has ended or been dropped) and
+/// open connections (when the accept loop is [`serve`](crate::serve) or one
+/// of your own that holds a [`ConnectionToken`]). It starts a drain, and
+/// [`drain`](Graceful::drain) waits until that work is done or a deadline
+/// passes.
+///
+/// Cloning is cheap (one reference count): every clone sees and controls the
+/// same counts.
+///
+/// # Compared with `TaskTracker` and `CancellationToken`
+///
+/// tokio-util's [`TaskTracker`](tokio_util::task::TaskTracker) counts tasks
+/// and [`CancellationToken`] announces a shutdown; `Graceful` is the pair of
+/// them specialised for a server. It keeps separate counts for requests and
+/// connections, knows how many of them ended during the drain and how many
+/// had to be forced, and never needs a `close()` call before its wait can
+/// return. Its per-request cost is the same as a `TaskTracker` token: one
+/// atomic increment and one atomic decrement, plus the reference count.
+///
+/// # Examples
+///
+/// Drain a server on Ctrl-C, waiting at most 30 seconds:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use handover::Graceful;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let graceful = Graceful::new();
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+///
+/// let trigger = graceful.clone();
+/// tokio::spawn(async move {
+///     let _ = tokio::signal::ctrl_c().await;
+///     trigger.start_drain();
+/// });
+///
+/// let report = handover::serve(listener, app, &graceful)
+///     .drain_timeout(Duration::from_secs(30))
+///     .await?;
+/// println!("{report}");
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Count and drain with only the layer, on time that is paused in tests:
+///
+/// ```
+/// use std::time::Duration;
+/// use handover::Graceful;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let graceful = Graceful::new();
+/// assert_eq!(graceful.in_flight(), 0);
+///
+/// // Nothing in flight: the drain ends at once.
+/// let report = graceful.drain(Duration::from_secs(10)).await;
+/// assert!(report.is_clean());
+/// assert_eq!(report.elapsed, Duration::ZERO);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Graceful {
+    shared: Arc<Shared>,
+}
+
+/// The state every clone of a [`Graceful`], every guard and every signal
+/// points to.
+pub(crate) struct Shared {
+    requests: Counter,
+    connections: Counter,
+    /// Set once, when the drain starts. Read on every request release, so it
+    /// is a plain atomic rather than the token (whose `is_cancelled` locks).
+    draining: AtomicBool,
+    /// Woken when a count reaches zero during a drain.
+    idle: Notify,
+    /// Fires when the drain starts (what `ShutdownSignal` waits on).
+    drain_started: CancellationToken,
+    /// Fires when the drain deadline has passed: the serve loop aborts what is left.
+    force: CancellationToken,
+    /// When the drain started.
+    started_at: OnceLock<Instant>,
+}
+
+#[derive(Default)]
+struct Counter {
+    active: AtomicUsize,
+    finished_in_drain: AtomicUsize,
+}
+
+impl Default for Graceful {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Graceful {
+    /// Creates a handle with nothing in flight and no drain started.
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                requests: Counter::default(),
+                connections: Counter::default(),
+                draining: AtomicBool::new(false),
+                idle: Notify::new(),
+                drain_started: CancellationToken::new(),
+                force: CancellationToken::new(),
+                started_at: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// A [`GracefulLayer`] that counts every request and its response body
+    /// on this handle.
+    pub fn layer(&self) -> GracefulLayer {
+        GracefulLayer::new(self.clone())
+    }
+
+    /// A [`ShutdownSignal`] that resolves when this handle starts draining.
+    pub fn signal(&self) -> ShutdownSignal {
+        ShutdownSignal {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Requests in flight now: counted from the layer's `call` until the
+    /// response body ends, or until the response future or body is dropped.
+    pub fn in_flight(&self) -> usize {
+        self.shared.requests.active.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now, as tracked by [`serve`](crate::serve) or by
+    /// [`ConnectionToken`]s of your own accept loop.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.active.load(Ordering::SeqCst)
+    }
+
+    /// Whether a drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts the drain without waiting for it: every [`ShutdownSignal`]
+    /// fires, [`serve`](crate::serve) stops accepting, and HTTP/1 responses
+    /// passing through the layer carry `Connection: close` from now on.
+    ///
+    /// Calling it again does nothing.
+    pub fn start_drain(&self) {
+        let shared = &*self.shared;
+        let now = Instant::now();
+        let _ = shared.started_at.set(now);
+        if !shared.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                in_flight = self.in_flight(),
+                connections = self.connections(),
+                "drain started"
+            );
+            shared.drain_started.cancel();
+        }
+    }
+
+    /// Starts the drain if it has not started, then waits until no request
+    /// and no connection is left, or until `timeout` has passed since the
+    /// drain started.
+    ///
+    /// It returns the moment the last count reaches zero (it is woken by
+    /// that release, not by a polling tick). When the deadline passes first,
+    /// what is left is counted as forced in the [`DrainReport`], and the
+    /// connections that [`serve`](crate::serve) still holds are closed.
+    ///
+    /// Requests that arrive during the drain are still counted, so the drain
+    /// also waits for them.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the wait, not the drain: the drain stays
+    /// started, and calling `drain` again waits for the same deadline
+    /// measured from the same start.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        self.start_drain();
+        let started = self.drain_started_at();
+        let deadline = started + timeout;
+        let shared = &*self.shared;
+
+        let finished_in_time = tokio::time::timeout_at(deadline, shared.wait_idle())
+            .await
+            .is_ok();
+        let (requests_forced, connections_forced) = if finished_in_time {
+            (0, 0)
+        } else {
+            let left = (self.in_flight(), self.connections());
+            tracing::warn!(
+                requests = left.0,
+                connections = left.1,
+                "drain deadline passed; forcing what is left"
+            );
+            shared.force.cancel();
+            left
+        };
+        let report = DrainReport {
+            requests_finished: shared.requests.finished_in_drain.load(Ordering::SeqCst),
+            requests_forced,
+            connections_finished: shared.connections.finished_in_drain.load(Ordering::SeqCst),
+            connections_forced,
+            elapsed: Instant::now().saturating_duration_since(started),
+        };
+        tracing::info!(
+            requests_finished = report.requests_finished,
+            requests_forced = report.requests_forced,
+            connections_finished = report.connections_finished,
+            connections_forced = report.connections_forced,
+            elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
+            "drain finished"
+        );
+        report
+    }
+
+    /// Counts one connection until the returned token is dropped.
+    ///
+    /// [`serve`](crate::serve) does this for you; use it when you run your
+    /// own accept loop and want [`drain`](Graceful::drain) to wait for the
+    /// connections too.
+    pub fn connection_token(&self) -> ConnectionToken {
+        ConnectionToken {
+            shared: self.shared.clone(),
+        }
+        .acquire()
+    }
+
+    #[inline]
+    pub(crate) fn request_guard(&self) -> RequestGuard {
+        RequestGuard::new(&self.shared)
+    }
+
+    /// Resolves once the drain deadline has passed and what is left must be
+    /// closed.
+    pub(crate) fn forced(&self) -> WaitForCancellationFutureOwned {
+        self.shared.force.clone().cancelled_owned()
+    }
+
+    fn drain_started_at(&self) -> Instant {
+        *self.shared.started_at.get_or_init(Instant::now)
+    }
+}
+
+impl fmt::Debug for Graceful {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Graceful")
+            .field("in_flight", &self.in_flight())
+            .field("connections", &self.connections())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+impl Shared {
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    #[inline]
+    fn release(&self, counter: &Counter) {
+        // Decrement first, then read the flag: a drain that set the flag
+        // before this read also sees the decrement when it reads the counts,
+        // so a release that makes them zero can never be missed.
+        let previous = counter.active.fetch_sub(1, Ordering::SeqCst);
+        if self.draining.load(Ordering::SeqCst) {
+            counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
+            if previous == 1 {
+                self.idle.notify_waiters();
+            }
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Register before reading the counts, so a release between the
+            // read and the await still wakes us.
+            notified.as_mut().enable();
+            if self.requests.active.load(Ordering::SeqCst) == 0
+                && self.connections.active.load(Ordering::SeqCst) == 0
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Holds one request in the count; released on drop.
+pub(crate) struct RequestGuard {
+    shared: Arc<Shared>,
+}
+
+impl RequestGuard {
+    #[inline]
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.requests.active.fetch_add(1, Ordering::SeqCst);
+        Self {
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl RequestGuard {
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.shared.is_draining()
+    }
+}
+
+impl Drop for RequestGuard {
+    #[inline]
+    fn drop(&mut self) {
+        self.shared.release(&self.shared.requests);
+    }
+}
+
+/// Counts one open connection on a [`Graceful`] until it is dropped.
+///
+/// Made by [`Graceful::connection_token`]. Move it into the task that serves
+/// the connection, so that the count falls when the task ends, however it
+/// ends.
+pub struct ConnectionToken {
+    shared: Arc<Shared>,
+}
+
+impl ConnectionToken {
+    fn acquire(self) -> Self {
+        self.shared
+            .connections
+            .active
+            .fetch_add(1, Ordering::SeqCst);
+        self
+    }
+}
+
+impl Drop for ConnectionToken {
+    fn drop(&mut self) {
+        self.shared.release(&self.shared.connections);
+    }
+}
+
+impl fmt::Debug for ConnectionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionToken").finish_non_exhaustive()
+    }
+}
+
+/// Resolves when the drain starts: what a handler watches to end a
+/// long-poll, an event stream or a WebSocket on its own terms.
+///
+/// [`GracefulLayer`] puts one in every request's extensions, so an axum
+/// handler can take it as `Extension<ShutdownSignal>`; [`Graceful::signal`]
+/// makes one anywhere else. It is cheap to clone.
+///
+/// `.await` it (it implements [`IntoFuture`]) or call
+/// [`draining`](ShutdownSignal::draining) for a future that borrows nothing,
+/// to use in `tokio::select!` or a spawned task.
+///
+/// # Examples
+///
+/// ```
+/// use axum::{Extension, Router, routing::get};
+/// use handover::{Graceful, ShutdownSignal};
+///
+/// async fn long_poll(Extension(shutdown): Extension<ShutdownSignal>) -> &'static str {
+///     tokio::select! {
+///         _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => "nothing new",
+///         _ = shutdown.draining() => "server restarting, poll again",
+///     }
+/// }
+///
+/// let graceful = Graceful::new();
+/// let app: Router = Router::new()
+///     .route("/poll", get(long_poll))
+///     .layer(graceful.layer());
+/// ```
+#[derive(Clone)]
+pub struct ShutdownSignal {
+    shared: Arc<Shared>,
+}
+
+impl ShutdownSignal {
+    /// Whether the drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.shared.is_draining()
+    }
+
+    /// A future that resolves when the drain starts (at once if it has).
+    pub fn draining(&self) -> Draining {
+        Draining {
+            inner: self.shared.drain_started.clone().cancelled_owned(),
+        }
+    }
+}
+
+impl IntoFuture for ShutdownSignal {
+    type Output = ();
+    type IntoFuture = Draining;
+
+    fn into_future(self) -> Draining {
+        self.draining()
+    }
+}
+
+impl fmt::Debug for ShutdownSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownSignal")
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+pin_project! {
+    /// Future returned by [`ShutdownSignal::draining`]: resolves when the
+    /// drain starts.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping it loses nothing, and a new one resolves at
+    /// once if the drain has started meanwhile.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Draining {
+        #[pin]
+        inner: WaitForCancellationFutureOwned,
+    }
+}
+
+impl Future for Draining {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl fmt::Debug for Draining {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Draining").finish_non_exhaustive()
+    }
+}
+
+/// How a drain ended: what finished in time and what had to be forced.
+///
+/// "Finished" counts the requests and connections that ended after the drain
+/// started, including ones that arrived during it; "forced" counts those
+/// still running when the deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// Requests (with their response bodies) that ended during the drain.
+    pub requests_finished: usize,
+    /// Requests still in flight when the deadline passed.
+    pub requests_forced: usize,
+    /// Connections that closed during the drain.
+    pub connections_finished: usize,
+    /// Connections still open when the deadline passed, closed by force.
+    pub connections_forced: usize,
+    /// Time from the start of the drain to its end.
+    pub elapsed: Duration,
+}
+
+impl DrainReport {
+    /// `true` when nothing had to be forced.
+    pub fn is_clean(&self) -> bool {
+        self.requests_forced == 0 && self.connections_forced == 0
+    }
+}
+
+impl fmt::Display for DrainReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "drained in {:.1} ms: {} requests and {} connections finished, {} requests and {} connections forced",
+            self.elapsed.as_secs_f64() * 1e3,
+            self.requests_finished,
+            self.connections_finished,
+            self.requests_forced,
+            self.connections_forced,
+        )
+    }
+}

@@ -1,0 +1,416 @@
+//! [`GracefulLayer`]: counts every request until its response body has ended.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::header::{CONNECTION, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::graceful::{Graceful, RequestGuard};
+
+/// A [`Layer`] that counts every request on a [`Graceful`] until its
+/// response body has ended.
+///
+/// A request counts from the moment it reaches the service's `call` until
+/// the response body yields its last frame or an error, or until the
+/// response future or the body is dropped (a client that went away).
+/// Streaming bodies, server-sent events and long downloads therefore keep a
+/// drain waiting until they are done, and a handler that fails releases its
+/// count at once. Errors from the inner service pass through unchanged.
+///
+/// Once the drain has started, HTTP/1.x responses carry `Connection: close`
+/// (except `101 Switching Protocols`), so a keep-alive client leaves after
+/// the response it is reading instead of racing a socket close with its next
+/// request.
+///
+/// Each request also gets a [`ShutdownSignal`](crate::ShutdownSignal) in its
+/// extensions; turn that off with [`signal_extension`](Self::signal_extension)
+/// if no handler needs it and every nanosecond counts.
+///
+/// # Examples
+///
+/// On an axum router:
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use handover::Graceful;
+///
+/// let graceful = Graceful::new();
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "hello" }))
+///     .layer(graceful.layer());
+/// ```
+///
+/// Beside `axum::serve` and its own graceful shutdown, with a deadline that
+/// axum does not have:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use axum::{Router, routing::get};
+/// use handover::Graceful;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let graceful = Graceful::new();
+/// let app = Router::new()
+///     .route("/", get(|| async { "hello" }))
+///     .layer(graceful.layer());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+///
+/// let trigger = graceful.clone();
+/// tokio::spawn(async move {
+///     let _ = tokio::signal::ctrl_c().await;
+///     trigger.start_drain();
+/// });
+///
+/// let server = axum::serve(listener, app).with_graceful_shutdown(graceful.signal().into_future());
+/// tokio::select! {
+///     result = server => result?,
+///     report = async {
+///         graceful.signal().await;
+///         graceful.drain(Duration::from_secs(30)).await
+///     } => println!("{report}"),
+/// }
+/// # Ok(())
+/// # }
+/// # use std::future::IntoFuture;
+/// ```
+///
+/// On a tonic server:
+///
+/// ```no_run
+/// use handover::Graceful;
+///
+/// # async fn run() -> Result<(), tonic::transport::Error> {
+/// let graceful = Graceful::new();
+/// let (_reporter, health) = tonic_health::server::health_reporter();
+///
+/// tonic::transport::Server::builder()
+///     .layer(graceful.layer())
+///     .add_service(health)
+///     .serve_with_shutdown("127.0.0.1:50051".parse().unwrap(), graceful.signal().into_future())
+///     .await?;
+/// # Ok(())
+/// # }
+/// # use std::future::IntoFuture;
+/// ```
+#[derive(Clone)]
+pub struct GracefulLayer {
+    graceful: Graceful,
+    signal_extension: bool,
+}
+
+impl GracefulLayer {
+    /// A layer that counts on `graceful`.
+    pub fn new(graceful: Graceful) -> Self {
+        Self {
+            graceful,
+            signal_extension: true,
+        }
+    }
+
+    /// Whether to put a [`ShutdownSignal`](crate::ShutdownSignal) in each
+    /// request's extensions (on by default).
+    ///
+    /// Inserting it costs an allocation per request when nothing else has
+    /// used the extensions yet; turn it off when no handler reads it.
+    pub fn signal_extension(mut self, enabled: bool) -> Self {
+        self.signal_extension = enabled;
+        self
+    }
+}
+
+impl fmt::Debug for GracefulLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GracefulLayer")
+            .field("signal_extension", &self.signal_extension)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for GracefulLayer {
+    type Service = GracefulService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GracefulService {
+            inner,
+            graceful: self.graceful.clone(),
+            signal_extension: self.signal_extension,
+        }
+    }
+}
+
+/// The service made by [`GracefulLayer`]: see there for what it does.
+#[derive(Clone)]
+pub struct GracefulService<S> {
+    inner: S,
+    graceful: Graceful,
+    signal_extension: bool,
+}
+
+impl<S> GracefulService<S> {
+    /// Wraps `inner`, counting on `graceful`.
+    pub fn new(inner: S, graceful: Graceful) -> Self {
+        GracefulLayer::new(graceful).layer(inner)
+    }
+
+    /// The [`GracefulLayer`] that makes this service, as in tower-http.
+    pub fn layer(graceful: Graceful) -> GracefulLayer {
+        GracefulLayer::new(graceful)
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for GracefulService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GracefulService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for GracefulService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = Response<TrackedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let guard = self.graceful.request_guard();
+        if self.signal_extension {
+            req.extensions_mut().insert(self.graceful.signal());
+        }
+        let http1 = req.version() < Version::HTTP_2;
+        ResponseFuture {
+            inner: self.inner.call(req),
+            guard: Some(guard),
+            http1,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`GracefulService`].
+    ///
+    /// Holds the request's place in the count until the response is ready,
+    /// then hands it to the [`TrackedBody`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<RequestGuard>,
+        http1: bool,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // An error drops the guard with the future: the request is done.
+        let mut response = ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        if *this.http1
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+            && guard.as_ref().is_some_and(|g| g.is_draining())
+        {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, guard))))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// Response body of [`GracefulService`]: the request stays counted until
+    /// this body has ended or is dropped.
+    ///
+    /// The count is released when `poll_frame` yields `None` or an error,
+    /// when `is_end_stream` turns true after a frame, or at once when the
+    /// body starts ended (`HEAD`, `204`, `304`). `is_end_stream` and
+    /// `size_hint` are forwarded unchanged.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<RequestGuard>,
+    }
+}
+
+impl<B: Body> TrackedBody<B> {
+    fn new(inner: B, guard: Option<RequestGuard>) -> Self {
+        let guard = if inner.is_end_stream() { None } else { guard };
+        Self { inner, guard }
+    }
+}
+
+impl<B> TrackedBody<B> {
+    /// The inner body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            Some(Ok(_)) if !this.inner.is_end_stream() => {}
+            _ => *this.guard = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> fmt::Debug for TrackedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("tracked", &self.guard.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+    use std::convert::Infallible;
+    use tower::{ServiceExt, service_fn};
+
+    async fn hello(_req: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
+        Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
+    }
+
+    #[tokio::test]
+    async fn poll_ready_alone_changes_nothing() {
+        let graceful = Graceful::new();
+        let mut svc = graceful.layer().layer(service_fn(hello));
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        assert_eq!(graceful.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn body_that_starts_ended_releases_at_once() {
+        let graceful = Graceful::new();
+        let svc = graceful
+            .layer()
+            .layer(service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+            }));
+        let response = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(graceful.in_flight(), 0);
+        assert!(response.body().is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn full_body_releases_after_its_only_frame() {
+        let graceful = Graceful::new();
+        let svc = graceful.layer().layer(service_fn(hello));
+        let mut response = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(graceful.in_flight(), 1);
+        let frame = response.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "hello");
+        // `Full` reports its end after its only frame: no extra poll needed.
+        assert_eq!(graceful.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn switching_protocols_keeps_its_connection_header() {
+        let graceful = Graceful::new();
+        graceful.start_drain();
+        let svc = graceful
+            .layer()
+            .layer(service_fn(|_req: Request<()>| async {
+                let mut r = Response::new(Empty::<Bytes>::new());
+                *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                Ok::<_, Infallible>(r)
+            }));
+        let response = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.headers()[CONNECTION], "upgrade");
+    }
+
+    #[tokio::test]
+    async fn http2_responses_get_no_connection_header() {
+        let graceful = Graceful::new();
+        graceful.start_drain();
+        let svc = graceful.layer().layer(service_fn(hello));
+        let req = Request::builder()
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        assert!(response.headers().get(CONNECTION).is_none());
+    }
+
+    #[tokio::test]
+    async fn signal_extension_can_be_turned_off() {
+        let svc = GracefulLayer::new(Graceful::new())
+            .signal_extension(false)
+            .layer(service_fn(|req: Request<()>| async move {
+                let has = req.extensions().get::<crate::ShutdownSignal>().is_some();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(has.to_string()))))
+            }));
+        let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "false");
+    }
+}

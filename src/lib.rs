@@ -1,0 +1,72 @@
+//! Zero-downtime restarts for [tower] and [hyper] servers.
+//!
+//! A server that uses `handover` knows, at every instant, how much work it
+//! still owes its clients — requests in flight, response bodies still
+//! streaming, connections open — and can stop taking new work and wait for
+//! that work to end, with a deadline. That drain is what lets a new
+//! generation take over without a client noticing.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::get};
+//! use handover::Graceful;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let graceful = Graceful::new();
+//! let app = Router::new().route("/", get(|| async { "hello" }));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let server = tokio::spawn(handover::serve(listener, app, &graceful).into_future());
+//!
+//! // A client, then a drain (on SIGTERM, say).
+//! let mut stream = tokio::net::TcpStream::connect(addr).await?;
+//! # use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+//! let mut response = vec![0; 1024];
+//! let n = stream.read(&mut response).await?;
+//! assert!(response[..n].starts_with(b"HTTP/1.1 200 OK"));
+//!
+//! let report = graceful.drain(Duration::from_secs(5)).await;
+//! assert!(report.is_clean());
+//! # server.await.unwrap()?;
+//! # Ok(())
+//! # }
+//! # use std::future::IntoFuture;
+//! ```
+//!
+//! # The parts
+//!
+//! - [`Graceful`]: the counts of in-flight requests and open connections,
+//!   the drain, and its [`DrainReport`].
+//! - [`GracefulLayer`]: a tower layer that counts each request until its
+//!   response body has ended, adds `Connection: close` to HTTP/1 responses
+//!   once draining, and hands handlers a [`ShutdownSignal`]. Use it on any
+//!   axum router or tonic server, with any accept loop.
+//! - [`serve`]: an accept loop on hyper-util's HTTP/1 + HTTP/2 builder that
+//!   tracks every connection and drains each protocol the way its clients
+//!   can take without an error.
+//!
+//! # What a client sees during a drain
+//!
+//! - No new connection is accepted once the drain starts.
+//! - A request already received runs to the end of its response body.
+//! - An HTTP/1 keep-alive client gets `Connection: close` on its next
+//!   response and leaves; one that stays idle is closed after the idle
+//!   grace.
+//! - An HTTP/2 client gets GOAWAY at once; its open streams finish.
+//! - After the drain timeout, whatever is left is closed and counted as
+//!   forced.
+//!
+//! [tower]: https://docs.rs/tower
+//! [hyper]: https://docs.rs/hyper
+#![cfg(unix)]
+#![forbid(unsafe_code)]
+
+mod graceful;
+mod layer;
+mod serve;
+
+pub use graceful::{ConnectionToken, DrainReport, Draining, Graceful, ShutdownSignal};
+pub use layer::{GracefulLayer, GracefulService, ResponseFuture, TrackedBody};
+pub use serve::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, Listener, Serve, serve};

@@ -1,0 +1,502 @@
+//! The accept loop: every connection tracked, HTTP/1 and HTTP/2 drained
+//! without a client error.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tower_service::Service;
+
+use crate::graceful::{ConnectionToken, DrainReport, Graceful};
+use crate::layer::{GracefulLayer, GracefulService};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Default for [`Serve::idle_grace`].
+pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
+/// Default for [`Serve::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A source of connections for [`serve`]: a TCP or Unix listener, or your own.
+///
+/// `accept` must be cancel safe (as tokio's listeners are): the serve loop
+/// drops its future the moment a drain starts.
+pub trait Listener: Send + 'static {
+    /// The connection type.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The peer address type.
+    type Addr: fmt::Debug + Send + 'static;
+
+    /// Accepts the next connection.
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;
+
+    /// The address this listener is bound to.
+    fn local_addr(&self) -> io::Result<Self::Addr>;
+
+    /// Sets `TCP_NODELAY` on an accepted connection, where that means
+    /// something. The default does nothing.
+    fn set_nodelay(io: &Self::Io, nodelay: bool) -> io::Result<()> {
+        let _ = (io, nodelay);
+        Ok(())
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send {
+        tokio::net::TcpListener::accept(self)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        tokio::net::TcpListener::local_addr(self)
+    }
+
+    fn set_nodelay(io: &Self::Io, nodelay: bool) -> io::Result<()> {
+        io.set_nodelay(nodelay)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send {
+        tokio::net::UnixListener::accept(self)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        tokio::net::UnixListener::local_addr(self)
+    }
+}
+
+/// Serves `service` on `listener` until `graceful` drains, then drains.
+///
+/// Every request runs through [`GracefulLayer`] (added for you) and every
+/// connection is counted on `graceful`. HTTP/1.1 and HTTP/2 (cleartext,
+/// with prior knowledge) share the port. When the drain starts (by
+/// [`Graceful::start_drain`] or a signal driver):
+///
+/// - nothing more is accepted: the listener is dropped at once;
+/// - HTTP/2 connections get GOAWAY and finish their open streams;
+/// - HTTP/1 responses carry `Connection: close`, so a busy keep-alive client
+///   leaves after the response it is reading; a connection still open after
+///   [`idle_grace`](Serve::idle_grace) is shut down once its current
+///   response (if any) is written;
+/// - after [`drain_timeout`](Serve::drain_timeout), what is left is closed
+///   and counted as forced.
+///
+/// `.await` the returned builder to run it; it resolves to the
+/// [`DrainReport`] once this server has drained. Accept errors (such as
+/// running out of file descriptors) are logged and retried with a backoff,
+/// never returned.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use axum::{Router, routing::get};
+/// use handover::Graceful;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let graceful = Graceful::new();
+/// let app = Router::new().route("/", get(|| async { "hello" }));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+///
+/// let trigger = graceful.clone();
+/// tokio::spawn(async move {
+///     let _ = tokio::signal::ctrl_c().await;
+///     trigger.start_drain();
+/// });
+///
+/// let report = handover::serve(listener, app, &graceful)
+///     .idle_grace(Duration::from_millis(250))
+///     .drain_timeout(Duration::from_secs(10))
+///     .await?;
+/// assert!(report.is_clean(), "{report}");
+/// # Ok(())
+/// # }
+/// ```
+pub fn serve<L, S, B>(listener: L, service: S, graceful: &Graceful) -> Serve<L, S>
+where
+    L: Listener,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Serve {
+        listener,
+        service,
+        graceful: graceful.clone(),
+        idle_grace: DEFAULT_IDLE_GRACE,
+        drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        tcp_nodelay: true,
+    }
+}
+
+/// The builder returned by [`serve`]; `.await` it to run the server.
+#[must_use = "a server does nothing until it is `.await`ed"]
+pub struct Serve<L, S> {
+    listener: L,
+    service: S,
+    graceful: Graceful,
+    idle_grace: Duration,
+    drain_timeout: Duration,
+    tcp_nodelay: bool,
+}
+
+impl<L, S> Serve<L, S> {
+    /// How long an HTTP/1 connection may stay open once the drain has
+    /// started before it is shut down (500 ms by default).
+    ///
+    /// A busy keep-alive client leaves long before that, after the
+    /// `Connection: close` response it reads; the grace is for clients that
+    /// sit idle, and for the client whose next request is already on the
+    /// wire, which closing at once would reset.
+    pub fn idle_grace(mut self, idle_grace: Duration) -> Self {
+        self.idle_grace = idle_grace;
+        self
+    }
+
+    /// The longest a drain may take (30 s by default); after it, remaining
+    /// connections are closed and counted as forced.
+    pub fn drain_timeout(mut self, drain_timeout: Duration) -> Self {
+        self.drain_timeout = drain_timeout;
+        self
+    }
+
+    /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
+    ///
+    /// On keeps tail latency low for request/response traffic; off (Nagle)
+    /// can raise HTTP/2 throughput of many small frames at the cost of
+    /// tens of milliseconds on some responses.
+    pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
+        self.tcp_nodelay = nodelay;
+        self
+    }
+}
+
+impl<L: Listener, S> fmt::Debug for Serve<L, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve")
+            .field("local_addr", &self.listener.local_addr().ok())
+            .field("idle_grace", &self.idle_grace)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("tcp_nodelay", &self.tcp_nodelay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, S, B> IntoFuture for Serve<L, S>
+where
+    L: Listener,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = io::Result<DrainReport>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<L, S, B> Serve<L, S>
+where
+    L: Listener,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    async fn run(self) -> io::Result<DrainReport> {
+        let Serve {
+            mut listener,
+            service,
+            graceful,
+            idle_grace,
+            drain_timeout,
+            tcp_nodelay,
+        } = self;
+        let service = GracefulLayer::new(graceful.clone()).layer_service(service);
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
+
+        let mut drain = pin!(graceful.signal().draining());
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = &mut drain => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (io, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::select! {
+                        biased;
+                        () = &mut drain => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = ACCEPT_BACKOFF_MIN;
+            if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
+                tracing::debug!(error = %e, ?peer, "could not set TCP_NODELAY");
+            }
+            tokio::spawn(serve_connection(
+                io,
+                service.clone(),
+                builder.clone(),
+                graceful.clone(),
+                graceful.connection_token(),
+                idle_grace,
+            ));
+        }
+        drop(listener);
+        tracing::info!(
+            connections = graceful.connections(),
+            in_flight = graceful.in_flight(),
+            "stopped accepting; draining"
+        );
+        Ok(graceful.drain(drain_timeout).await)
+    }
+}
+
+impl GracefulLayer {
+    fn layer_service<S>(&self, service: S) -> GracefulService<S> {
+        tower_layer::Layer::layer(self, service)
+    }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Errors that concern one connection only: skip it and accept the next.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+async fn serve_connection<I, S, B>(
+    io: I,
+    service: GracefulService<S>,
+    builder: Arc<Builder<TokioExecutor>>,
+    graceful: Graceful,
+    _token: ConnectionToken,
+    idle_grace: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let protocol = Arc::new(AtomicU8::new(PROTOCOL_UNKNOWN));
+    let io = TokioIo::new(SniffIo::new(io, protocol.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+    let mut conn = pin!(conn);
+    let mut drain = pin!(graceful.signal().draining());
+    let mut forced = pin!(graceful.forced());
+
+    tokio::select! {
+        result = conn.as_mut() => return log_end(result),
+        () = &mut drain => {}
+    }
+    if protocol.load(Ordering::Relaxed) != PROTOCOL_H2 {
+        // HTTP/1 (or nothing read yet): let a busy client leave on the
+        // `Connection: close` of its next response; shut down only what is
+        // still open after the grace.
+        tokio::select! {
+            result = conn.as_mut() => return log_end(result),
+            () = tokio::time::sleep(idle_grace) => {}
+            _ = &mut forced => return tracing::debug!("connection forced closed"),
+        }
+    }
+    // HTTP/2: GOAWAY now, open streams finish. HTTP/1: close if idle, or
+    // after the response in progress.
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        result = conn.as_mut() => log_end(result),
+        _ = &mut forced => tracing::debug!("connection forced closed"),
+    }
+}
+
+fn log_end(result: Result<(), BoxError>) {
+    if let Err(e) = result {
+        // A shutdown before the protocol was read is reported as
+        // `Interrupted`: benign. So are peers that hang up.
+        let benign = e
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::Interrupted);
+        if !benign {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+const PROTOCOL_UNKNOWN: u8 = 0;
+const PROTOCOL_H1: u8 = 1;
+const PROTOCOL_H2: u8 = 2;
+
+/// The start of the HTTP/2 connection preface that an h2c client with
+/// prior knowledge sends first.
+const H2_PREFACE_START: &[u8; 4] = b"PRI ";
+
+pin_project! {
+    /// Passes IO through, noting from the first bytes read whether the peer
+    /// speaks HTTP/2 (hyper-util's auto builder does not tell).
+    struct SniffIo<I> {
+        #[pin]
+        inner: I,
+        protocol: Arc<AtomicU8>,
+        seen: [u8; 4],
+        seen_len: u8,
+        decided: bool,
+    }
+}
+
+impl<I> SniffIo<I> {
+    fn new(inner: I, protocol: Arc<AtomicU8>) -> Self {
+        Self {
+            inner,
+            protocol,
+            seen: [0; 4],
+            seen_len: 0,
+            decided: false,
+        }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for SniffIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if *this.decided {
+            return this.inner.poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        let result = this.inner.poll_read(cx, buf);
+        let new = &buf.filled()[before..];
+        let have = usize::from(*this.seen_len);
+        let take = new.len().min(4 - have);
+        this.seen[have..have + take].copy_from_slice(&new[..take]);
+        *this.seen_len += take as u8;
+        let seen = &this.seen[..usize::from(*this.seen_len)];
+        if seen.len() == 4 || !H2_PREFACE_START.starts_with(seen) {
+            *this.decided = true;
+            let protocol = if seen == H2_PREFACE_START {
+                PROTOCOL_H2
+            } else {
+                PROTOCOL_H1
+            };
+            this.protocol.store(protocol, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for SniffIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn sniff(chunks: &[&[u8]]) -> u8 {
+        let (mut client, server) = tokio::io::duplex(64);
+        let protocol = Arc::new(AtomicU8::new(PROTOCOL_UNKNOWN));
+        let mut io = SniffIo::new(server, protocol.clone());
+        let mut buf = [0u8; 64];
+        for chunk in chunks {
+            client.write_all(chunk).await.unwrap();
+            let n = io.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], *chunk, "bytes pass through unchanged");
+        }
+        protocol.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn sniffs_the_http2_preface() {
+        assert_eq!(
+            sniff(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await,
+            PROTOCOL_H2
+        );
+        assert_eq!(sniff(&[b"PR", b"I * HTTP/2.0"]).await, PROTOCOL_H2);
+        assert_eq!(sniff(&[b"P", b"R"]).await, PROTOCOL_UNKNOWN);
+    }
+
+    #[tokio::test]
+    async fn sniffs_http1_methods() {
+        assert_eq!(sniff(&[b"GET / HTTP/1.1\r\n"]).await, PROTOCOL_H1);
+        assert_eq!(sniff(&[b"P", b"OST / HTTP/1.1\r\n"]).await, PROTOCOL_H1);
+        assert_eq!(sniff(&[b"PRIX"]).await, PROTOCOL_H1);
+    }
+}
