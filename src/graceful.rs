@@ -250,8 +250,8 @@ impl Graceful {
     }
 
     #[inline]
-    pub(crate) fn request_guard(&self) -> RequestGuard {
-        RequestGuard::new(&self.shared)
+    pub(crate) fn request_guard(&self, connection: Option<&Arc<AtomicUsize>>) -> RequestGuard {
+        RequestGuard::new(&self.shared, connection)
     }
 
     /// Resolves once the drain deadline has passed and what is left must be
@@ -312,17 +312,24 @@ impl Shared {
     }
 }
 
-/// Holds one request in the count; released on drop.
+/// Holds one request in the count (and in its connection's, when the
+/// serve loop tracks that); released on drop.
 pub(crate) struct RequestGuard {
     shared: Arc<Shared>,
+    connection: Option<Arc<AtomicUsize>>,
 }
 
 impl RequestGuard {
     #[inline]
-    fn new(shared: &Arc<Shared>) -> Self {
+    fn new(shared: &Arc<Shared>, connection: Option<&Arc<AtomicUsize>>) -> Self {
         shared.requests.active.fetch_add(1, Ordering::SeqCst);
+        let connection = connection.map(|busy| {
+            busy.fetch_add(1, Ordering::SeqCst);
+            busy.clone()
+        });
         Self {
             shared: shared.clone(),
+            connection,
         }
     }
 }
@@ -337,6 +344,9 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     #[inline]
     fn drop(&mut self) {
+        if let Some(busy) = &self.connection {
+            busy.fetch_sub(1, Ordering::SeqCst);
+        }
         self.shared.release(&self.shared.requests);
     }
 }

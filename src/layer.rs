@@ -3,6 +3,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 
 use http::header::{CONNECTION, HeaderValue};
@@ -141,6 +143,7 @@ impl<S> Layer<S> for GracefulLayer {
             inner,
             graceful: self.graceful.clone(),
             signal_extension: self.signal_extension,
+            connection: None,
         }
     }
 }
@@ -151,6 +154,9 @@ pub struct GracefulService<S> {
     inner: S,
     graceful: Graceful,
     signal_extension: bool,
+    /// Requests in progress on the one connection this clone serves, when
+    /// the serve loop wants to know (HTTP/1 drain: busy or idle).
+    connection: Option<Arc<AtomicUsize>>,
 }
 
 impl<S> GracefulService<S> {
@@ -178,6 +184,12 @@ impl<S> GracefulService<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// This service, also counting its requests on `busy` (one connection's).
+    pub(crate) fn for_connection(mut self, busy: Arc<AtomicUsize>) -> Self {
+        self.connection = Some(busy);
+        self
+    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for GracefulService<S> {
@@ -204,7 +216,7 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let guard = self.graceful.request_guard();
+        let guard = self.graceful.request_guard(self.connection.as_ref());
         if self.signal_extension {
             req.extensions_mut().insert(self.graceful.signal());
         }

@@ -7,7 +7,7 @@ use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -329,8 +329,10 @@ async fn serve_connection<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let protocol = Arc::new(AtomicU8::new(PROTOCOL_UNKNOWN));
+    let busy = Arc::new(AtomicUsize::new(0));
     let io = TokioIo::new(SniffIo::new(io, protocol.clone()));
-    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+    let service = TowerToHyperService::new(service.for_connection(busy.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, service);
     let mut conn = pin!(conn);
     let mut drain = pin!(graceful.signal().draining());
     let mut forced = pin!(graceful.forced());
@@ -339,18 +341,21 @@ async fn serve_connection<I, S, B>(
         result = conn.as_mut() => return log_end(result),
         () = &mut drain => {}
     }
-    if protocol.load(Ordering::Relaxed) != PROTOCOL_H2 {
-        // HTTP/1 (or nothing read yet): let a busy client leave on the
-        // `Connection: close` of its next response; shut down only what is
-        // still open after the grace.
+    if protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.load(Ordering::SeqCst) == 0 {
+        // An idle HTTP/1 connection (or one that has sent nothing yet): its
+        // client may have a request on the wire that closing now would
+        // reset. Give it the grace; a request that arrives in it is served
+        // with `Connection: close`, after which hyper closes by itself.
         tokio::select! {
             result = conn.as_mut() => return log_end(result),
             () = tokio::time::sleep(idle_grace) => {}
             _ = &mut forced => return tracing::debug!("connection forced closed"),
         }
     }
-    // HTTP/2: GOAWAY now, open streams finish. HTTP/1: close if idle, or
-    // after the response in progress.
+    // HTTP/2: GOAWAY now, open streams finish. HTTP/1 busy at drain start:
+    // close right after the response in progress (its client is reading,
+    // not writing). HTTP/1 after the grace: close if idle, or after the
+    // response in progress.
     conn.as_mut().graceful_shutdown();
     tokio::select! {
         result = conn.as_mut() => log_end(result),
