@@ -94,10 +94,11 @@ impl Listener for tokio::net::UnixListener {
 ///
 /// - nothing more is accepted: the listener is dropped at once;
 /// - HTTP/2 connections get GOAWAY and finish their open streams;
-/// - HTTP/1 responses carry `Connection: close`, so a busy keep-alive client
-///   leaves after the response it is reading; a connection still open after
-///   [`idle_grace`](Serve::idle_grace) is shut down once its current
-///   response (if any) is written;
+/// - HTTP/1 responses carry `Connection: close`, so a keep-alive client
+///   leaves after its next response; a connection with a request in
+///   progress when the drain starts is closed right after that response
+///   (even one whose head went out before the drain); an idle one is given
+///   [`idle_grace`](Serve::idle_grace), then closed;
 /// - after [`drain_timeout`](Serve::drain_timeout), what is left is closed
 ///   and counted as forced.
 ///
