@@ -1,44 +1,54 @@
-//! The example server of the README.
+//! The example server of the README: restart it with `kill -HUP`.
 //!
 //! ```text
-//! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--drain-timeout SECS]
+//! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
+//!     [--drain-timeout SECS] [--ready-timeout SECS]
 //! ```
 //!
-//! `GET /` answers `hello from <pid>`; `GET /sleep/{ms}` sleeps, then answers
-//! `slept <ms> in <pid>`. `SIGTERM` or `SIGINT` (Ctrl-C) drains: requests in
-//! flight finish, then the process exits and logs its drain report.
+//! - `GET /` answers `hello from <pid>`;
+//! - `GET /sleep/{ms}` sleeps, then answers `slept <ms> in <pid>`.
+//!
+//! `SIGHUP` or `SIGUSR2` starts a new generation of this binary, hands it the
+//! listening socket, and drains this one once the new one is ready;
+//! `SIGTERM` or `SIGINT` drains and exits. Each step is logged.
+//!
+//! Operators script against this behaviour: keep it stable.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::{Router, extract::Path, routing::get};
-use handover::Graceful;
-use tokio::signal::unix::{SignalKind, signal};
+use handover::{Exit, Handover};
 
 struct Args {
     addr: SocketAddr,
+    pid_file: Option<PathBuf>,
     drain_timeout: Duration,
+    ready_timeout: Duration,
+}
+
+fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
+    let secs: f64 = v.parse().map_err(|e| format!("{flag} {v}: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{flag} {v}: {e}"))
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+        pid_file: None,
         drain_timeout: Duration::from_secs(30),
+        ready_timeout: Duration::from_secs(30),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--addr" => {
-                let v = value()?;
-                args.addr = v.parse().map_err(|e| format!("--addr {v}: {e}"))?;
-            }
-            "--drain-timeout" => {
-                let v = value()?;
-                let secs: f64 = v.parse().map_err(|e| format!("--drain-timeout {v}: {e}"))?;
-                args.drain_timeout = Duration::try_from_secs_f64(secs)
-                    .map_err(|e| format!("--drain-timeout {v}: {e}"))?;
-            }
+            "--addr" => args.addr = value.parse().map_err(|e| format!("--addr {value}: {e}"))?,
+            "--pid-file" => args.pid_file = Some(value.into()),
+            "--drain-timeout" => args.drain_timeout = seconds(&flag, &value)?,
+            "--ready-timeout" => args.ready_timeout = seconds(&flag, &value)?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -54,36 +64,39 @@ async fn sleep(Path(ms): Path<u64>) -> String {
     format!("slept {ms} in {}", std::process::id())
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = parse_args().map_err(|e| format!("hello: {e}"))?;
 
-    let graceful = Graceful::new();
-    let app = Router::new()
-        .route("/", get(hello))
-        .route("/sleep/{ms}", get(sleep));
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "ready");
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let trigger = graceful.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = int.recv() => tracing::info!("SIGINT: draining"),
-        }
-        trigger.start_drain();
-    });
-
-    let report = handover::serve(listener, app, &graceful)
+    // Before the runtime's threads exist: reads and clears the inherited
+    // listeners' environment.
+    let mut builder = Handover::builder()
         .drain_timeout(args.drain_timeout)
-        .await?;
-    tracing::info!(%report, "exiting");
-    Ok(())
+        .ready_timeout(args.ready_timeout);
+    if let Some(pid_file) = &args.pid_file {
+        builder = builder.pid_file(pid_file);
+    }
+    let handover = builder.from_env()?;
+
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let listener = handover.tcp("http", args.addr)?;
+        tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
+        let app = Router::new()
+            .route("/", get(hello))
+            .route("/sleep/{ms}", get(sleep))
+            .layer(handover.layer());
+        match handover.serve(listener, app).await? {
+            Exit::HandedOver { pid, report } => {
+                tracing::info!(new_pid = pid, %report, "handed over; exiting")
+            }
+            Exit::Shutdown { report } => tracing::info!(%report, "shut down; exiting"),
+            other => tracing::info!(?other, "exiting"),
+        }
+        Ok(())
+    })
 }

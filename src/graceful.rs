@@ -422,6 +422,10 @@ impl ShutdownSignal {
         self.shared.is_draining()
     }
 
+    pub(crate) fn is_from(&self, graceful: &Graceful) -> bool {
+        Arc::ptr_eq(&self.shared, &graceful.shared)
+    }
+
     /// A future that resolves when the drain starts (at once if it has).
     pub fn draining(&self) -> Draining {
         Draining {

@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::graceful::{Graceful, RequestGuard};
+use crate::graceful::{Graceful, RequestGuard, ShutdownSignal};
 
 /// A [`Layer`] that counts every request on a [`Graceful`] until its
 /// response body has ended.
@@ -30,6 +30,9 @@ use crate::graceful::{Graceful, RequestGuard};
 /// (except `101 Switching Protocols`), so a keep-alive client leaves after
 /// the response it is reading instead of racing a socket close with its next
 /// request.
+///
+/// Applied twice for the same [`Graceful`] (say on a router and again by
+/// [`serve`](crate::serve)), a request is counted once.
 ///
 /// Each request also gets a [`ShutdownSignal`](crate::ShutdownSignal) in its
 /// extensions; turn that off with [`signal_extension`](Self::signal_extension)
@@ -216,6 +219,20 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // The same `Graceful` counts this request already (a router with
+        // `.layer(graceful.layer())` under `serve`, which adds the layer
+        // too): pass it through, so it counts once.
+        if req
+            .extensions()
+            .get::<ShutdownSignal>()
+            .is_some_and(|signal| signal.is_from(&self.graceful))
+        {
+            return ResponseFuture {
+                inner: self.inner.call(req),
+                guard: None,
+                http1: false,
+            };
+        }
         let guard = self.graceful.request_guard(self.connection.as_ref());
         if self.signal_extension {
             req.extensions_mut().insert(self.graceful.signal());
@@ -412,6 +429,19 @@ mod tests {
             .unwrap();
         let response = svc.oneshot(req).await.unwrap();
         assert!(response.headers().get(CONNECTION).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_same_graceful_applied_twice_counts_once() {
+        let graceful = Graceful::new();
+        graceful.start_drain();
+        let inner = graceful.layer().layer(service_fn(hello));
+        let svc = graceful.layer().layer(inner);
+        let response = svc.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(graceful.in_flight(), 1);
+        assert_eq!(response.headers().get_all(CONNECTION).iter().count(), 1);
+        drop(response);
+        assert_eq!(graceful.in_flight(), 0);
     }
 
     #[tokio::test]

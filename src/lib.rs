@@ -61,11 +61,22 @@
 //! [tower]: https://docs.rs/tower
 //! [hyper]: https://docs.rs/hyper
 #![cfg(unix)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod error;
 mod graceful;
+mod handover;
 mod layer;
+mod listener;
+mod notify;
 mod serve;
+mod sys;
+mod upgrade;
+
+pub use error::Error;
+pub use handover::{Builder, DEFAULT_READY_TIMEOUT, Exit, Handover, HandoverServe};
+pub use listener::{BACKLOG, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, Listeners};
+pub use notify::NOTIFY_SOCKET;
 
 pub use graceful::{ConnectionToken, DrainReport, Draining, Graceful, ShutdownSignal};
 pub use layer::{GracefulLayer, GracefulService, ResponseFuture, TrackedBody};

@@ -1,0 +1,142 @@
+//! The crate's error type.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// What went wrong, said so that an operator can act on it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An inheritance variable (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`,
+    /// `HANDOVER_READY_FD`) has a value that cannot be right.
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why it is wrong.
+        reason: String,
+    },
+    /// An inherited fd is not what the environment promised.
+    Fd {
+        /// The fd number.
+        fd: i32,
+        /// The name it was passed under.
+        name: String,
+        /// What it is instead.
+        reason: String,
+    },
+    /// A system call failed.
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The binary to start the next generation from is missing or cannot be
+    /// run.
+    Binary {
+        /// The path resolved at start-up.
+        path: PathBuf,
+        /// Why it cannot be run.
+        reason: String,
+    },
+    /// An upgrade is already under way; this one was refused.
+    UpgradeInProgress,
+    /// This process is PID 1 (a container's init): its exit would end the
+    /// container and the new generation with it, so it does not upgrade.
+    Pid1,
+    /// The new generation exited before it was ready.
+    ChildExited {
+        /// Its pid.
+        pid: u32,
+        /// How it exited.
+        status: ExitStatus,
+    },
+    /// The new generation was not ready in time; it was killed and reaped.
+    ReadyTimeout {
+        /// Its pid.
+        pid: u32,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// The new generation closed its readiness pipe without saying it was
+    /// ready.
+    NotReady {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The upgrade was called off because this process is shutting down;
+    /// the pending child was killed and reaped.
+    Cancelled,
+    /// The server is already draining: there is nothing left to upgrade.
+    Draining,
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Env { var, value, reason } => write!(f, "{var}={value:?}: {reason}"),
+            Error::Fd { fd, name, reason } => {
+                write!(f, "inherited fd {fd} named {name:?}: {reason}")
+            }
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Binary { path, reason } => {
+                write!(f, "cannot start {}: {reason}", path.display())
+            }
+            Error::UpgradeInProgress => f.write_str("an upgrade is already in progress"),
+            Error::Pid1 => f.write_str(
+                "refusing to upgrade as PID 1: the old generation's exit would end the container; \
+                 use a rolling update or a supervisor such as systemd",
+            ),
+            Error::ChildExited { pid, status } => {
+                write!(
+                    f,
+                    "new generation (pid {pid}) exited before it was ready: {status}"
+                )
+            }
+            Error::ReadyTimeout { pid, timeout } => write!(
+                f,
+                "new generation (pid {pid}) was not ready within {timeout:?}; it was killed"
+            ),
+            Error::NotReady { pid } => write!(
+                f,
+                "new generation (pid {pid}) closed its readiness pipe without being ready; it was killed"
+            ),
+            Error::Cancelled => {
+                f.write_str("upgrade cancelled by shutdown; the new generation was killed")
+            }
+            Error::Draining => f.write_str("the server is draining; no upgrade"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { ref source, .. } => io::Error::new(source.kind(), e),
+            e => io::Error::other(e),
+        }
+    }
+}

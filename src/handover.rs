@@ -1,0 +1,521 @@
+//! The one-call API: inherit or bind, serve, upgrade on a signal, drain.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+
+use crate::error::Error;
+use crate::graceful::{DrainReport, Graceful};
+use crate::layer::GracefulLayer;
+use crate::listener::Listeners;
+use crate::notify;
+use crate::serve::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, Listener};
+use crate::upgrade::Upgrader;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Default for [`Builder::ready_timeout`].
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Zero-downtime restarts in one value: the listeners (inherited or bound),
+/// the drain, the upgrade, the signals, the pid file and systemd's
+/// notifications.
+///
+/// ```no_run
+/// use axum::{Router, routing::get};
+/// use handover::{Exit, Handover};
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     // Before the runtime starts: this reads and clears the environment.
+///     let handover = Handover::builder().pid_file("/tmp/app.pid").from_env()?;
+///     tokio::runtime::Runtime::new()?.block_on(async {
+///         let listener = handover.tcp("http", "127.0.0.1:3000")?;
+///         let app = Router::new().route("/", get(|| async { "hello" }));
+///         match handover.serve(listener, app).await? {
+///             Exit::HandedOver { pid, report } => println!("handed over to {pid}: {report}"),
+///             Exit::Shutdown { report } => println!("shut down: {report}"),
+///             _ => {}
+///         }
+///         Ok(())
+///     })
+/// }
+/// ```
+///
+/// `SIGHUP` or `SIGUSR2` starts the binary found at this process's path at
+/// start-up (a deploy that replaced the file runs the new file), with the
+/// same arguments, working directory and environment, and the listeners at
+/// fds 3, 4, …. Once it says it is ready, this process stops accepting,
+/// drains and `serve` returns [`Exit::HandedOver`]. If it exits, crashes or
+/// is not ready within the ready timeout, it is killed and reaped and this
+/// process goes on serving as if nothing happened. `SIGTERM`, `SIGINT` and
+/// `SIGQUIT` drain and return [`Exit::Shutdown`], killing a pending child
+/// first.
+///
+/// Cloning is cheap; an admin endpoint can hold a clone and call
+/// [`upgrade`](Handover::upgrade) itself.
+#[derive(Clone)]
+pub struct Handover {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    listeners: Listeners,
+    graceful: Graceful,
+    upgrader: Upgrader,
+    pid_file: Option<PathBuf>,
+    drain_timeout: Duration,
+    idle_grace: Duration,
+    upgrade_signals: Vec<SignalKind>,
+    shutdown_signals: Vec<SignalKind>,
+    auto_ready: bool,
+    ready: AtomicBool,
+    driver_started: AtomicBool,
+    /// Set once: how this generation ends.
+    outcome: Mutex<Option<Outcome>>,
+    /// Fires on shutdown: a pending upgrade is called off.
+    shutting_down: CancellationToken,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    HandedOver(u32),
+    Shutdown,
+}
+
+/// How this generation ended; returned by [`Handover::serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exit {
+    /// The next generation (pid `pid`) is serving; this one has drained.
+    HandedOver {
+        /// The new generation's pid.
+        pid: u32,
+        /// How the drain went.
+        report: DrainReport,
+    },
+    /// Shut down (by a signal or [`Handover::shutdown`]); drained.
+    Shutdown {
+        /// How the drain went.
+        report: DrainReport,
+    },
+}
+
+impl Exit {
+    /// The drain report, whichever way this generation ended.
+    pub fn report(&self) -> &DrainReport {
+        match self {
+            Exit::HandedOver { report, .. } | Exit::Shutdown { report } => report,
+        }
+    }
+}
+
+/// Configures a [`Handover`]; made by [`Handover::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Builder {
+    pid_file: Option<PathBuf>,
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    idle_grace: Duration,
+    upgrade_signals: Vec<SignalKind>,
+    shutdown_signals: Vec<SignalKind>,
+    auto_ready: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self {
+            pid_file: None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            idle_grace: DEFAULT_IDLE_GRACE,
+            upgrade_signals: vec![SignalKind::hangup(), SignalKind::user_defined2()],
+            shutdown_signals: vec![
+                SignalKind::terminate(),
+                SignalKind::interrupt(),
+                SignalKind::quit(),
+            ],
+            auto_ready: true,
+        }
+    }
+}
+
+impl Builder {
+    /// Writes this process's pid to `path` (atomically) once it is ready,
+    /// and removes it on the final shutdown if it still holds our pid.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// How long a new generation may take to become ready before it is
+    /// killed (30 s by default).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The longest a drain may take (30 s by default).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// How long an idle HTTP/1 connection is kept once draining (500 ms by
+    /// default); see [`Serve::idle_grace`](crate::Serve::idle_grace).
+    pub fn idle_grace(mut self, grace: Duration) -> Self {
+        self.idle_grace = grace;
+        self
+    }
+
+    /// The signals that start an upgrade (`SIGHUP` and `SIGUSR2` by
+    /// default); an empty list handles none.
+    pub fn upgrade_signals(mut self, signals: impl IntoIterator<Item = SignalKind>) -> Self {
+        self.upgrade_signals = signals.into_iter().collect();
+        self
+    }
+
+    /// The signals that drain and exit (`SIGTERM`, `SIGINT` and `SIGQUIT`
+    /// by default); an empty list handles none.
+    pub fn shutdown_signals(mut self, signals: impl IntoIterator<Item = SignalKind>) -> Self {
+        self.shutdown_signals = signals.into_iter().collect();
+        self
+    }
+
+    /// Whether [`Handover::serve`] reports readiness by itself when it
+    /// starts accepting (the default). Turn it off for an application that
+    /// must warm up first, and call [`Handover::ready`] when it is.
+    pub fn auto_ready(mut self, auto: bool) -> Self {
+        self.auto_ready = auto;
+        self
+    }
+
+    /// Reads the inherited listeners from the environment (see
+    /// [`Listeners::from_env`]) and resolves what an upgrade starts: this
+    /// binary's path, arguments and working directory, now.
+    ///
+    /// Call it early in `main`, before other threads use the environment.
+    pub fn from_env(self) -> Result<Handover, Error> {
+        let listeners = Listeners::from_env()?;
+        let upgrader = Upgrader::from_current_process(self.ready_timeout)?;
+        Ok(Handover {
+            inner: Arc::new(Inner {
+                listeners,
+                graceful: Graceful::new(),
+                upgrader,
+                pid_file: self.pid_file,
+                drain_timeout: self.drain_timeout,
+                idle_grace: self.idle_grace,
+                upgrade_signals: self.upgrade_signals,
+                shutdown_signals: self.shutdown_signals,
+                auto_ready: self.auto_ready,
+                ready: AtomicBool::new(false),
+                driver_started: AtomicBool::new(false),
+                outcome: Mutex::new(None),
+                shutting_down: CancellationToken::new(),
+            }),
+        })
+    }
+}
+
+impl Handover {
+    /// A [`Builder`] with the defaults.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// [`Handover::builder().from_env()`](Builder::from_env).
+    pub fn from_env() -> Result<Self, Error> {
+        Self::builder().from_env()
+    }
+
+    /// The TCP listener named `name`: inherited if a previous generation or
+    /// systemd passed one, else bound to `addr`. See [`Listeners::tcp`].
+    pub fn tcp(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+    ) -> Result<tokio::net::TcpListener, Error> {
+        self.inner.listeners.tcp(name, addr)
+    }
+
+    /// The Unix listener named `name`: inherited, or bound at `path`. See
+    /// [`Listeners::unix`].
+    pub fn unix(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixListener, Error> {
+        self.inner.listeners.unix(name, path)
+    }
+
+    /// A [`GracefulLayer`] on this generation's drain.
+    pub fn layer(&self) -> GracefulLayer {
+        self.inner.graceful.layer()
+    }
+
+    /// This generation's [`Graceful`] handle.
+    pub fn graceful(&self) -> &Graceful {
+        &self.inner.graceful
+    }
+
+    /// Whether this process was started by a previous generation.
+    pub fn is_upgrade(&self) -> bool {
+        self.inner.listeners.is_inherited_from_previous_generation()
+    }
+
+    /// Says this generation is ready: tells the previous generation (which
+    /// then stops accepting and drains), closes inherited listeners the
+    /// application did not take, writes the pid file and tells systemd
+    /// (`READY=1`, `MAINPID=`).
+    ///
+    /// [`serve`](Handover::serve) calls it when it starts accepting, unless
+    /// [`Builder::auto_ready`] is off. Calling it again does nothing.
+    ///
+    /// # Errors
+    ///
+    /// The pid file could not be written, or the previous generation could
+    /// not be told. The other steps are still taken; serving goes on.
+    pub fn ready(&self) -> Result<(), Error> {
+        if self.inner.ready.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut first_error = None;
+        let mut note = |result: Result<(), Error>| {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "while becoming ready");
+                first_error.get_or_insert(e);
+            }
+        };
+        note(self.inner.listeners.ready());
+        if let Some(path) = &self.inner.pid_file {
+            note(notify::write_pid_file(path));
+        }
+        note(notify::sd_notify(&format!(
+            "READY=1\nMAINPID={}",
+            std::process::id()
+        )));
+        tracing::info!(
+            pid = std::process::id(),
+            upgraded = self.is_upgrade(),
+            "ready"
+        );
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Starts the next generation and, once it is ready, starts this one's
+    /// drain. Resolves to the new generation's pid.
+    ///
+    /// # Errors
+    ///
+    /// Another upgrade is running ([`Error::UpgradeInProgress`]), the binary
+    /// is missing or broken, the child exited or was not ready in time, the
+    /// process is shutting down or draining, or it is PID 1. In every case
+    /// this generation keeps serving, and the child, if one was started, has
+    /// been killed and reaped.
+    pub async fn upgrade(&self) -> Result<u32, Error> {
+        let inner = &*self.inner;
+        if inner.graceful.is_draining() {
+            return Err(Error::Draining);
+        }
+        if inner.upgrader.is_running() {
+            return Err(Error::UpgradeInProgress);
+        }
+        let _ = notify::sd_notify("RELOADING=1");
+        let result = inner
+            .upgrader
+            .upgrade(&inner.listeners, &inner.shutting_down)
+            .await;
+        match result {
+            Ok(pid) => {
+                let mut outcome = inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
+                if outcome.is_none() {
+                    *outcome = Some(Outcome::HandedOver(pid));
+                }
+                drop(outcome);
+                tracing::info!(new_pid = pid, "handed over; draining this generation");
+                inner.graceful.start_drain();
+                Ok(pid)
+            }
+            Err(e) => {
+                let _ = notify::sd_notify("READY=1");
+                Err(e)
+            }
+        }
+    }
+
+    /// Drains this generation and ends [`serve`](Handover::serve) with
+    /// [`Exit::Shutdown`]; a pending upgrade's child is killed first.
+    pub fn shutdown(&self) {
+        let inner = &*self.inner;
+        inner.shutting_down.cancel();
+        let mut outcome = inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if outcome.is_none() {
+            *outcome = Some(Outcome::Shutdown);
+            let _ = notify::sd_notify("STOPPING=1");
+        }
+        drop(outcome);
+        inner.graceful.start_drain();
+    }
+
+    /// Serves `service` on `listener` (see [`serve`](crate::serve)) until
+    /// this generation hands over or shuts down, then drains; `.await` it.
+    ///
+    /// The first call starts the signal driver and, unless
+    /// [`Builder::auto_ready`] is off, reports readiness. Serve several
+    /// listeners by calling it once per listener and awaiting them together:
+    /// they share one drain.
+    pub fn serve<L, S, B>(&self, listener: L, service: S) -> HandoverServe<L, S>
+    where
+        L: Listener,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        HandoverServe {
+            handover: self.clone(),
+            serve: crate::serve(listener, service, &self.inner.graceful)
+                .idle_grace(self.inner.idle_grace)
+                .drain_timeout(self.inner.drain_timeout),
+        }
+    }
+
+    fn start_signal_driver(&self) -> Result<(), Error> {
+        if self.inner.driver_started.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let kinds = self
+            .inner
+            .upgrade_signals
+            .iter()
+            .map(|k| (*k, true))
+            .chain(self.inner.shutdown_signals.iter().map(|k| (*k, false)));
+        for (kind, upgrade) in kinds {
+            let mut stream = signal(kind).map_err(|e| {
+                Error::io(format!("listening for signal {}", kind.as_raw_value()), e)
+            })?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if tx.send((kind, upgrade)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let handover = self.clone();
+        tokio::spawn(async move {
+            while let Some((kind, upgrade)) = rx.recv().await {
+                let signal = kind.as_raw_value();
+                if upgrade {
+                    tracing::info!(signal, "upgrade requested");
+                    let handover = handover.clone();
+                    // Its own task, so that a shutdown signal is heard
+                    // while the upgrade waits for the child.
+                    tokio::spawn(async move {
+                        if let Err(e) = handover.upgrade().await {
+                            tracing::error!(error = %e, "upgrade refused or failed");
+                        }
+                    });
+                } else {
+                    tracing::info!(signal, "shutdown requested");
+                    handover.shutdown();
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn finish(&self, report: DrainReport) -> Exit {
+        let outcome = *self.inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Some(Outcome::HandedOver(pid)) => Exit::HandedOver { pid, report },
+            Some(Outcome::Shutdown) | None => {
+                if let Some(path) = &self.inner.pid_file
+                    && let Err(e) = notify::remove_pid_file_if_ours(path)
+                {
+                    tracing::warn!(error = %e, "could not remove the pid file");
+                }
+                Exit::Shutdown { report }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Handover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handover")
+            .field("listeners", &self.inner.listeners)
+            .field("graceful", &self.inner.graceful)
+            .field("exe", &self.inner.upgrader.exe())
+            .field("pid_file", &self.inner.pid_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The future-to-be of [`Handover::serve`]; `.await` it.
+#[must_use = "a server does nothing until it is `.await`ed"]
+pub struct HandoverServe<L, S> {
+    handover: Handover,
+    serve: crate::Serve<L, S>,
+}
+
+impl<L, S> HandoverServe<L, S> {
+    /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
+    pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
+        self.serve = self.serve.tcp_nodelay(nodelay);
+        self
+    }
+}
+
+impl<L: Listener, S> fmt::Debug for HandoverServe<L, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandoverServe")
+            .field("serve", &self.serve)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, S, B> IntoFuture for HandoverServe<L, S>
+where
+    L: Listener,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Exit, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let HandoverServe { handover, serve } = self;
+        Box::pin(async move {
+            handover.start_signal_driver()?;
+            // The listener accepts from the moment `serve` is first polled,
+            // and connections wait in its backlog until then: ready now.
+            if handover.inner.auto_ready {
+                let _ = handover.ready();
+            }
+            let report = serve.await.map_err(|e| Error::io("serving", e))?;
+            Ok(handover.finish(report))
+        })
+    }
+}

@@ -1,0 +1,655 @@
+//! Listeners: inherited from the environment (a previous generation or
+//! systemd socket activation), or bound here.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::error::Error;
+use crate::sys::{self, Family};
+
+/// Number of inherited listeners (systemd's socket-activation protocol).
+pub const LISTEN_FDS: &str = "LISTEN_FDS";
+/// `:`-separated names of the inherited listeners.
+pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// The pid the inherited listeners are meant for, when set.
+pub const LISTEN_PID: &str = "LISTEN_PID";
+/// The write end of the readiness pipe, set by a previous generation.
+pub const HANDOVER_READY_FD: &str = "HANDOVER_READY_FD";
+
+/// The first inherited fd.
+pub(crate) const LISTEN_FDS_START: RawFd = 3;
+/// Listen backlog of the sockets bound here.
+pub const BACKLOG: u32 = 1024;
+/// More inherited listeners than this is taken as a malformed environment.
+const MAX_LISTEN_FDS: usize = sys::MAX_PASSED_FDS - 1;
+
+/// The inheritance variables, parsed and checked against each other, before
+/// any fd is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EnvSpec {
+    /// (fd, name) of each inherited listener.
+    pub(crate) fds: Vec<(RawFd, String)>,
+    /// The readiness pipe's write end.
+    pub(crate) ready_fd: Option<RawFd>,
+}
+
+fn env_error(var: &'static str, value: &str, reason: impl Into<String>) -> Error {
+    Error::Env {
+        var,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses the inheritance variables. Pure: it reads no environment and
+/// touches no fd, so it can be tested (and fuzzed) on any input.
+pub(crate) fn parse_env(
+    listen_fds: Option<&str>,
+    listen_fdnames: Option<&str>,
+    listen_pid: Option<&str>,
+    ready_fd: Option<&str>,
+    our_pid: u32,
+) -> Result<EnvSpec, Error> {
+    if let Some(pid) = listen_pid {
+        let parsed: u32 = pid
+            .trim()
+            .parse()
+            .map_err(|_| env_error("LISTEN_PID", pid, "not a process id"))?;
+        if parsed != our_pid {
+            return Err(env_error(
+                "LISTEN_PID",
+                pid,
+                format!("the listeners are meant for pid {parsed}, and this is pid {our_pid}"),
+            ));
+        }
+    }
+    let count = match listen_fds {
+        None => {
+            if let Some(names) = listen_fdnames {
+                return Err(env_error(LISTEN_FDNAMES, names, "set without LISTEN_FDS"));
+            }
+            0
+        }
+        Some(value) => {
+            let n: usize = value
+                .trim()
+                .parse()
+                .map_err(|_| env_error("LISTEN_FDS", value, "not a number of fds"))?;
+            if n > MAX_LISTEN_FDS {
+                return Err(env_error(
+                    "LISTEN_FDS",
+                    value,
+                    format!("more than {MAX_LISTEN_FDS} listeners"),
+                ));
+            }
+            n
+        }
+    };
+    let names: Vec<String> = match listen_fdnames {
+        None => vec!["unknown".to_owned(); count],
+        Some(value) => {
+            let names: Vec<&str> = if value.is_empty() && count == 0 {
+                Vec::new()
+            } else {
+                value.split(':').collect()
+            };
+            if names.len() != count {
+                return Err(env_error(
+                    "LISTEN_FDNAMES",
+                    value,
+                    format!("{} names for {count} fds", names.len()),
+                ));
+            }
+            for name in &names {
+                if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+                    return Err(env_error(
+                        "LISTEN_FDNAMES",
+                        value,
+                        format!("{name:?} is not a valid fd name"),
+                    ));
+                }
+            }
+            names.into_iter().map(str::to_owned).collect()
+        }
+    };
+    let fds = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (LISTEN_FDS_START + i as RawFd, name))
+        .collect();
+    let ready_fd = match ready_fd {
+        None => None,
+        Some(value) => {
+            let fd: RawFd = value
+                .trim()
+                .parse()
+                .map_err(|_| env_error("HANDOVER_READY_FD", value, "not an fd number"))?;
+            let listeners_end = LISTEN_FDS_START + count as RawFd;
+            if fd < LISTEN_FDS_START || (LISTEN_FDS_START..listeners_end).contains(&fd) {
+                return Err(env_error(
+                    "HANDOVER_READY_FD",
+                    value,
+                    format!(
+                        "must be an fd of its own, not 0-2 or a listener's (3..{listeners_end})"
+                    ),
+                ));
+            }
+            Some(fd)
+        }
+    };
+    Ok(EnvSpec { fds, ready_fd })
+}
+
+struct Inherited {
+    fd: RawFd,
+    name: String,
+    socket: OwnedFd,
+    family: Family,
+}
+
+struct State {
+    from_previous_generation: bool,
+    inherited: Vec<Inherited>,
+    /// Every listener this generation serves, by name: what the next
+    /// generation receives.
+    active: Vec<(String, OwnedFd)>,
+    ready_pipe: Option<File>,
+}
+
+/// The listener source: listeners inherited from the environment, or bound.
+///
+/// [`from_env`](Listeners::from_env) reads the inheritance variables once,
+/// checks every inherited fd (an open, listening stream socket), sets
+/// `FD_CLOEXEC` on it again, and removes the variables from the environment
+/// so that the application's own children do not see them. Then
+/// [`tcp`](Listeners::tcp) and [`unix`](Listeners::unix) give the inherited
+/// listener of a name, or bind a new one.
+///
+/// Variables read (systemd-compatible, so the same code path serves socket
+/// activation, a previous generation, and tools such as `systemfd`):
+///
+/// | variable | meaning |
+/// |---|---|
+/// | `LISTEN_FDS` | how many listeners, at fds 3, 4, … |
+/// | `LISTEN_FDNAMES` | their names, `:`-separated (default: `unknown`) |
+/// | `LISTEN_PID` | when set, must be this process's pid |
+/// | `HANDOVER_READY_FD` | the readiness pipe of a previous generation |
+pub struct Listeners {
+    state: Mutex<State>,
+}
+
+impl Listeners {
+    /// Reads, checks and adopts what the environment passes, then removes
+    /// the variables from the environment.
+    ///
+    /// Call it once, early in `main`, before other threads read the
+    /// environment (removing a variable while another thread reads the
+    /// environment is undefined behaviour in C libraries). A second call
+    /// finds nothing to inherit.
+    ///
+    /// # Errors
+    ///
+    /// A malformed variable, or an inherited fd that is not an open,
+    /// listening stream socket: the error names the variable or the fd and
+    /// says what is wrong. Nothing is bound in its place.
+    pub fn from_env() -> Result<Self, Error> {
+        let var = |name: &str| std::env::var(name).ok();
+        let spec = parse_env(
+            var(LISTEN_FDS).as_deref(),
+            var(LISTEN_FDNAMES).as_deref(),
+            var(LISTEN_PID).as_deref(),
+            var(HANDOVER_READY_FD).as_deref(),
+            std::process::id(),
+        );
+        for name in [LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID, HANDOVER_READY_FD] {
+            sys::remove_env(name);
+        }
+        Self::adopt(spec?)
+    }
+
+    /// No inherited listeners: every `tcp`/`unix` call binds.
+    pub fn empty() -> Self {
+        Self {
+            state: Mutex::new(State {
+                from_previous_generation: false,
+                inherited: Vec::new(),
+                active: Vec::new(),
+                ready_pipe: None,
+            }),
+        }
+    }
+
+    fn adopt(spec: EnvSpec) -> Result<Self, Error> {
+        let mut inherited = Vec::with_capacity(spec.fds.len());
+        for (fd, name) in spec.fds {
+            let fd_error = |reason: String| Error::Fd {
+                fd,
+                name: name.clone(),
+                reason,
+            };
+            let socket = sys::adopt(fd).map_err(|e| fd_error(e.to_string()))?;
+            let family = sys::listening_stream_socket(socket.as_fd())
+                .map_err(|e| fd_error(e.to_string()))?;
+            sys::set_cloexec(socket.as_fd())
+                .map_err(|e| fd_error(format!("cannot set FD_CLOEXEC: {e}")))?;
+            if inherited.iter().any(|i: &Inherited| i.name == name) && name != "unknown" {
+                return Err(fd_error("the name is given to two fds".into()));
+            }
+            inherited.push(Inherited {
+                fd,
+                name,
+                socket,
+                family,
+            });
+        }
+        let ready_pipe = match spec.ready_fd {
+            None => None,
+            Some(fd) => {
+                let pipe = sys::adopt(fd).map_err(|e| Error::Fd {
+                    fd,
+                    name: HANDOVER_READY_FD.into(),
+                    reason: e.to_string(),
+                })?;
+                let reason = match sys::is_pipe(pipe.as_fd()) {
+                    Ok(true) => None,
+                    Ok(false) => Some("it is not a pipe".to_owned()),
+                    Err(e) => Some(format!("it could not be inspected: {e}")),
+                };
+                if let Some(reason) = reason {
+                    return Err(Error::Fd {
+                        fd,
+                        name: HANDOVER_READY_FD.into(),
+                        reason,
+                    });
+                }
+                let _ = sys::set_cloexec(pipe.as_fd());
+                Some(File::from(pipe))
+            }
+        };
+        if !inherited.is_empty() {
+            tracing::info!(
+                listeners = %inherited.iter().map(|i| format!("{}=fd {}", i.name, i.fd)).collect::<Vec<_>>().join(", "),
+                from_previous_generation = ready_pipe.is_some(),
+                "inherited listeners"
+            );
+        }
+        Ok(Self {
+            state: Mutex::new(State {
+                from_previous_generation: ready_pipe.is_some(),
+                inherited,
+                active: Vec::new(),
+                ready_pipe,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a previous generation is waiting for this one to be ready.
+    pub fn is_inherited_from_previous_generation(&self) -> bool {
+        self.lock().from_previous_generation
+    }
+
+    /// Takes the inherited listener named `name`, if there is one.
+    fn take_inherited(&self, name: &str, unix: bool) -> Result<Option<OwnedFd>, Error> {
+        if name.is_empty()
+            || name.len() > 255
+            || name.contains(':')
+            || name.chars().any(char::is_control)
+        {
+            return Err(Error::io(
+                format!("listener name {name:?}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a name is 1 to 255 characters, without ':' or control characters",
+                ),
+            ));
+        }
+        let mut state = self.lock();
+        if state.active.iter().any(|(n, _)| n == name) {
+            return Err(Error::io(
+                format!("listener {name:?}"),
+                std::io::Error::new(std::io::ErrorKind::AlreadyExists, "taken twice"),
+            ));
+        }
+        let Some(pos) = state.inherited.iter().position(|i| i.name == name) else {
+            return Ok(None);
+        };
+        let inherited = state.inherited.remove(pos);
+        let fits = match inherited.family {
+            Family::Inet | Family::Inet6 => !unix,
+            Family::Unix => unix,
+            Family::Other(_) => false,
+        };
+        if !fits {
+            let (fd, family) = (inherited.fd, inherited.family);
+            // Put it back: it is reported (and closed) with the unused ones.
+            state.inherited.insert(pos, inherited);
+            return Err(Error::Fd {
+                fd,
+                name: name.into(),
+                reason: format!(
+                    "asked for a {} listener, and it is {}",
+                    if unix { "Unix" } else { "TCP" },
+                    family.describe()
+                ),
+            });
+        }
+        Ok(Some(inherited.socket))
+    }
+
+    fn register(&self, name: &str, fd: &impl AsFd) -> Result<(), Error> {
+        let dup = fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(format!("duplicating listener {name:?}"), e))?;
+        self.lock().active.push((name.to_owned(), dup));
+        Ok(())
+    }
+
+    fn inherited_names(&self) -> String {
+        let state = self.lock();
+        if state.inherited.is_empty() {
+            "none".into()
+        } else {
+            state
+                .inherited
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
+
+    /// The TCP listener named `name`: the inherited one, or a new one bound
+    /// to `addr` (with `SO_REUSEADDR` and a backlog of [`BACKLOG`]).
+    ///
+    /// Must be called within a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// The inherited fd of that name is not a TCP listener, or binding
+    /// failed (the error names the address and the listeners that were
+    /// inherited, which helps when a name does not match).
+    pub fn tcp(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+    ) -> Result<tokio::net::TcpListener, Error> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| Error::io(format!("resolving the address of listener {name:?}"), e))?
+            .collect();
+        let listener = match self.take_inherited(name, false)? {
+            Some(fd) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)
+                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
+                if let Ok(local) = std.local_addr()
+                    && !addrs.is_empty()
+                    && !addrs.iter().any(|a| a == &local || a.port() == 0)
+                {
+                    tracing::warn!(name, %local, asked = ?addrs, "inherited listener is bound elsewhere than asked; keeping it");
+                }
+                tokio::net::TcpListener::from_std(std)
+                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?
+            }
+            None => bind_tcp(&addrs).map_err(|e| {
+                Error::io(
+                    format!(
+                        "binding listener {name:?} to {addrs:?} (inherited: {})",
+                        self.inherited_names()
+                    ),
+                    e,
+                )
+            })?,
+        };
+        self.register(name, &listener)?;
+        Ok(listener)
+    }
+
+    /// The Unix listener named `name`: the inherited one, or a new one bound
+    /// at `path`. A socket file left at `path` by a process that is gone is
+    /// removed first; one that a live process still accepts on is an error.
+    ///
+    /// Must be called within a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// As for [`tcp`](Self::tcp), and when `path` is taken by a live
+    /// listener or by something that is not a socket.
+    pub fn unix(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<tokio::net::UnixListener, Error> {
+        let path = path.as_ref();
+        let listener = match self.take_inherited(name, true)? {
+            Some(fd) => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)
+                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
+                tokio::net::UnixListener::from_std(std)
+                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?
+            }
+            None => bind_unix(path).map_err(|e| {
+                Error::io(
+                    format!(
+                        "binding listener {name:?} at {} (inherited: {})",
+                        path.display(),
+                        self.inherited_names()
+                    ),
+                    e,
+                )
+            })?,
+        };
+        self.register(name, &listener)?;
+        Ok(listener)
+    }
+
+    /// Tells a waiting previous generation that this one is ready, and
+    /// closes the inherited listeners that were not taken (each is logged).
+    ///
+    /// [`Handover`](crate::Handover) calls it for you when serving starts;
+    /// call it yourself only when you use `Listeners` alone. Calling it
+    /// again does nothing.
+    pub fn ready(&self) -> Result<(), Error> {
+        let mut state = self.lock();
+        for unused in state.inherited.drain(..) {
+            tracing::warn!(
+                name = unused.name,
+                fd = unused.fd,
+                "inherited listener was not taken by the application; closing it"
+            );
+        }
+        if let Some(mut pipe) = state.ready_pipe.take() {
+            let message = format!("READY={}\n", std::process::id());
+            pipe.write_all(message.as_bytes())
+                .map_err(|e| Error::io("telling the previous generation we are ready", e))?;
+        }
+        Ok(())
+    }
+
+    /// Duplicates of every listener taken so far, with their names: what
+    /// the next generation receives.
+    pub(crate) fn for_next_generation(&self) -> Result<Vec<(String, OwnedFd)>, Error> {
+        self.lock()
+            .active
+            .iter()
+            .map(|(name, fd)| {
+                fd.try_clone()
+                    .map(|fd| (name.clone(), fd))
+                    .map_err(|e| Error::io(format!("duplicating listener {name:?}"), e))
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Listeners")
+            .field(
+                "inherited",
+                &state
+                    .inherited
+                    .iter()
+                    .map(|i| (&i.name, i.fd))
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "active",
+                &state.active.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("from_previous_generation", &state.ready_pipe.is_some())
+            .finish()
+    }
+}
+
+fn bind_tcp(addrs: &[SocketAddr]) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let result = socket.and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(*addr)?;
+            socket.listen(BACKLOG)
+        });
+        match result {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "a live process accepts on this socket",
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "removing stale socket");
+                    std::fs::remove_file(path)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let std = std::os::unix::net::UnixListener::bind(path)?;
+    std.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(std)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(
+        fds: Option<&str>,
+        names: Option<&str>,
+        pid: Option<&str>,
+        ready: Option<&str>,
+    ) -> Result<EnvSpec, Error> {
+        parse_env(fds, names, pid, ready, 4242)
+    }
+
+    #[test]
+    fn nothing_set_means_nothing_inherited() {
+        let spec = parse(None, None, None, None).unwrap();
+        assert!(spec.fds.is_empty());
+        assert_eq!(spec.ready_fd, None);
+    }
+
+    #[test]
+    fn names_and_pid_are_honoured() {
+        let spec = parse(Some("2"), Some("http:admin"), Some("4242"), Some("5")).unwrap();
+        assert_eq!(spec.fds, vec![(3, "http".into()), (4, "admin".into())]);
+        assert_eq!(spec.ready_fd, Some(5));
+        let spec = parse(Some("1"), None, None, None).unwrap();
+        assert_eq!(spec.fds, vec![(3, "unknown".into())]);
+    }
+
+    #[test]
+    fn malformed_values_are_clear_errors() {
+        let cases = [
+            (
+                Some("abc"),
+                None,
+                None,
+                None,
+                "LISTEN_FDS=\"abc\": not a number of fds",
+            ),
+            (
+                Some("-1"),
+                None,
+                None,
+                None,
+                "LISTEN_FDS=\"-1\": not a number of fds",
+            ),
+            (
+                Some("99999999999999999999"),
+                None,
+                None,
+                None,
+                "not a number",
+            ),
+            (Some("1000"), None, None, None, "more than"),
+            (Some("2"), Some("http"), None, None, "1 names for 2 fds"),
+            (Some("1"), Some("a:b"), None, None, "2 names for 1 fds"),
+            (
+                Some("1"),
+                Some(""),
+                None,
+                None,
+                "\"\" is not a valid fd name",
+            ),
+            (None, Some("http"), None, None, "set without LISTEN_FDS"),
+            (
+                Some("1"),
+                None,
+                Some("1"),
+                None,
+                "meant for pid 1, and this is pid 4242",
+            ),
+            (Some("1"), None, Some("x"), None, "not a process id"),
+            (Some("1"), None, None, Some("3"), "must be an fd of its own"),
+            (Some("1"), None, None, Some("1"), "must be an fd of its own"),
+            (Some("1"), None, None, Some("fd"), "not an fd number"),
+        ];
+        for (fds, names, pid, ready, expected) in cases {
+            let err = parse(fds, names, pid, ready).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{fds:?} {names:?} {pid:?} {ready:?}: {err}"
+            );
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The few system calls that the standard library does not wrap: adopting
+//! inherited fds, checking what they are, and laying out fds for `exec`.
+//!
+//! This is the only module of the crate with `unsafe` code; each block says
+//! why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+/// Socket families a listener can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    Inet,
+    Inet6,
+    Unix,
+    Other(i32),
+}
+
+impl Family {
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Family::Inet => "an IPv4 socket".into(),
+            Family::Inet6 => "an IPv6 socket".into(),
+            Family::Unix => "a Unix socket".into(),
+            Family::Other(f) => format!("a socket of address family {f}"),
+        }
+    }
+}
+
+/// What an inherited fd turned out to be, when it is not a listener.
+#[derive(Debug)]
+pub(crate) enum NotListener {
+    Closed,
+    NotSocket,
+    NotStream,
+    NotListening,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for NotListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotListener::Closed => f.write_str("it is not open"),
+            NotListener::NotSocket => f.write_str("it is not a socket"),
+            NotListener::NotStream => f.write_str("it is not a stream socket"),
+            NotListener::NotListening => f.write_str("it is a socket that is not listening"),
+            NotListener::Io(e) => write!(f, "it could not be inspected: {e}"),
+        }
+    }
+}
+
+/// Fds already adopted by this process: each may be owned once only.
+static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor flags of `fd`; on a number
+    // that is not an open fd it fails with EBADF and touches nothing.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// Takes ownership of `fd`, which the environment says was passed to us,
+/// after checking that it is open and was not adopted before.
+pub(crate) fn adopt(fd: RawFd) -> Result<OwnedFd, NotListener> {
+    if fd < 0 || !is_open(fd) {
+        return Err(NotListener::Closed);
+    }
+    let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    if adopted.contains(&fd) {
+        return Err(NotListener::Io(io::Error::other(
+            "it was already taken from the environment",
+        )));
+    }
+    adopted.push(fd);
+    // SAFETY: `fd` is open (checked above), nothing in this process owns it:
+    // it was passed across `exec` by the contract of LISTEN_FDS or
+    // HANDOVER_READY_FD, whose variables are read once and then removed, and
+    // the ADOPTED list makes sure no second `OwnedFd` is made for it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds the
+    // size of `value`; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
+
+fn fstat_mode(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { mem::zeroed() };
+    // SAFETY: `st` is valid for writes of one `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_mode)
+}
+
+/// The address family of a socket, from `getsockname`.
+fn family(fd: BorrowedFd<'_>) -> io::Result<Family> {
+    // SAFETY: an all-zero `sockaddr_storage` is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` is valid for writes of `len` bytes, the size of a
+    // `sockaddr_storage`, which holds any socket address.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(match i32::from(addr.ss_family) {
+        libc::AF_INET => Family::Inet,
+        libc::AF_INET6 => Family::Inet6,
+        libc::AF_UNIX => Family::Unix,
+        other => Family::Other(other),
+    })
+}
+
+/// Checks that `fd` is a listening stream socket and returns its family.
+pub(crate) fn listening_stream_socket(fd: BorrowedFd<'_>) -> Result<Family, NotListener> {
+    let mode = fstat_mode(fd).map_err(NotListener::Io)?;
+    if mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(NotListener::NotSocket);
+    }
+    let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(NotListener::Io)?;
+    if ty != libc::SOCK_STREAM {
+        return Err(NotListener::NotStream);
+    }
+    let listening =
+        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(NotListener::Io)?;
+    if listening == 0 {
+        return Err(NotListener::NotListening);
+    }
+    family(fd).map_err(NotListener::Io)
+}
+
+/// Whether `fd` is a pipe (the readiness channel).
+pub(crate) fn is_pipe(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fstat_mode(fd)? & libc::S_IFMT == libc::S_IFIFO)
+}
+
+/// Sets `FD_CLOEXEC`, so the fd does not leak into processes we `exec`.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor flags of an
+    // fd that `BorrowedFd` guarantees is open.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFD);
+        if flags == -1 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) == -1
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Runs between `fork` and `exec` in the child: puts `sources[i]` at fd
+/// `3 + i`, without `FD_CLOEXEC`, so exactly these cross `exec`.
+///
+/// Only async-signal-safe calls (`fcntl`, `dup2`), no allocation.
+fn place_fds(sources: &[RawFd]) -> io::Result<()> {
+    let first_free = 3 + sources.len() as RawFd;
+    // Move every source out of the target range first, so that placing one
+    // never overwrites a source not yet placed. The copies have
+    // FD_CLOEXEC and vanish at `exec`.
+    let mut moved = [0 as RawFd; MAX_PASSED_FDS];
+    for (slot, &src) in moved.iter_mut().zip(sources) {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates an fd the parent keeps open
+        // for the whole spawn; it allocates a new number >= first_free.
+        let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free) };
+        if fd == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        *slot = fd;
+    }
+    for (i, &fd) in moved[..sources.len()].iter().enumerate() {
+        // SAFETY: `dup2` onto 3 + i replaces whatever the child had there
+        // (nothing it needs: std opens its fds with FD_CLOEXEC) and yields
+        // an fd without FD_CLOEXEC, which is what crosses `exec`.
+        if unsafe { libc::dup2(fd, 3 + i as RawFd) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The most fds one upgrade passes on (listeners and the readiness pipe).
+pub(crate) const MAX_PASSED_FDS: usize = 64;
+
+/// Arranges for `command`'s child to receive `fds` at 3, 4, …
+pub(crate) fn pass_fds(command: &mut tokio::process::Command, fds: Vec<OwnedFd>) {
+    debug_assert!(fds.len() <= MAX_PASSED_FDS);
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the closure runs in the child between fork and exec; it only
+    // reads `raw` (allocated before the fork) and makes async-signal-safe
+    // system calls. The fds stay open in the parent until the spawn has
+    // returned, because `fds` is moved into the closure that `command` owns.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep_open = &fds;
+            place_fds(&raw)
+        });
+    }
+}
+
+/// Removes an inheritance variable from the environment, so that the
+/// application's own children do not see it.
+pub(crate) fn remove_env(name: &str) {
+    // SAFETY: `remove_var` is unsound only while another thread reads or
+    // writes the environment. It is called from `Listeners::from_env`,
+    // whose documented contract is to run early in `main`, before the
+    // application starts threads that use the environment (a Tokio
+    // runtime's idle workers do not).
+    unsafe { std::env::remove_var(name) }
+}
