@@ -64,14 +64,24 @@ async fn sleep(Path(ms): Path<u64>) -> String {
     format!("slept {ms} in {}", std::process::id())
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hello: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = parse_args().map_err(|e| format!("hello: {e}"))?;
+    let args = parse_args()?;
 
     // Before the runtime's threads exist: reads and clears the inherited
     // listeners' environment.

@@ -1,4 +1,4 @@
-//! Zero-downtime restarts for [tower] and [hyper] servers.
+//! Zero-downtime restarts for [tower] and [hyper] servers (axum, tonic).
 //!
 //! A server that uses `handover` knows, at every instant, how much work it
 //! still owes its clients — requests in flight, response bodies still
@@ -35,8 +35,19 @@
 //! # use std::future::IntoFuture;
 //! ```
 //!
+//! The example above is the drain alone. With [`Handover`], the same server
+//! also restarts without downtime: `SIGHUP` starts a fresh copy of the
+//! binary, hands it the listening sockets, and drains this copy once the new
+//! one is ready; `SIGTERM` drains and exits. See [`Handover`] for the
+//! one-call path and `examples/hello.rs` for a server to try it on.
+//!
 //! # The parts
 //!
+//! - [`Handover`]: inherit or bind listeners, serve, upgrade on a signal,
+//!   drain, write the pid file, notify systemd; returns how this generation
+//!   ended ([`Exit`]).
+//! - [`Listeners`]: listeners inherited from a previous generation or from
+//!   systemd socket activation (each fd validated), or bound.
 //! - [`Graceful`]: the counts of in-flight requests and open connections,
 //!   the drain, and its [`DrainReport`].
 //! - [`GracefulLayer`]: a tower layer that counts each request until its

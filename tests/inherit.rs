@@ -1,0 +1,257 @@
+//! The inheritance protocol from outside: malformed environments, systemd
+//! socket activation and sd_notify, with the `hello` example as the server.
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::{Deploy, is_alive, send_signal, wait_until};
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(60);
+
+/// Runs `hello` through `sh -c` (to lay out fds) with `env`; returns its
+/// exit success and everything it printed.
+async fn run_hello(shell_redirects: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("exec \"$0\" --addr 127.0.0.1:0 {shell_redirects}"))
+        .arg(support::hello_binary())
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = timeout(Duration::from_secs(20), command.output())
+        .await
+        .expect("a malformed environment ends the process at once")
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn malformed_environments_are_clear_errors_not_panics() {
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case<'_>] = &[
+        (
+            "",
+            &[("LISTEN_FDS", "abc")],
+            "LISTEN_FDS=\"abc\": not a number of fds",
+        ),
+        (
+            "3</etc/hostname",
+            &[("LISTEN_FDS", "1")],
+            "inherited fd 3 named \"unknown\": it is not a socket",
+        ),
+        (
+            "3<&-",
+            &[("LISTEN_FDS", "1")],
+            "inherited fd 3 named \"unknown\": it is not open",
+        ),
+        (
+            "",
+            &[("LISTEN_FDS", "1"), ("LISTEN_PID", "1")],
+            "LISTEN_PID=\"1\": the listeners are meant for pid 1",
+        ),
+        (
+            "",
+            &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "http:admin")],
+            "2 names for 1 fds",
+        ),
+        (
+            "",
+            &[("HANDOVER_READY_FD", "1")],
+            "HANDOVER_READY_FD=\"1\": must be an fd of its own",
+        ),
+        (
+            "5</etc/hostname",
+            &[("HANDOVER_READY_FD", "5")],
+            "inherited fd 5 named \"HANDOVER_READY_FD\": it is not a pipe",
+        ),
+    ];
+    for (redirects, env, expected) in cases {
+        let (ok, text) = run_hello(redirects, env).await;
+        assert!(!ok, "{env:?} {redirects}: should fail\n{text}");
+        assert!(
+            text.contains(expected),
+            "{env:?} {redirects}: expected {expected:?} in\n{text}"
+        );
+        assert!(!text.contains("panicked"), "{env:?}: no panic\n{text}");
+        assert!(
+            !text.contains("listening"),
+            "{env:?}: nothing was bound instead\n{text}"
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects until the activator listens (the connection triggers the
+/// activation).
+async fn connect_when_listening(port: u16) -> tokio::net::TcpStream {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(stream) => return stream,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never listened: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+async fn get(port: u16) -> String {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = client
+        .get(format!("http://127.0.0.1:{port}/").parse().unwrap())
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// Under `systemd-socket-activate` (Debian's `systemd` package), with an
+/// sd_notify socket of the test's own: the activated socket is adopted, an
+/// upgrade hands it on, and systemd hears READY, RELOADING, MAINPID and
+/// STOPPING as a `Type=notify` unit with `NotifyAccess=all` would.
+#[tokio::test]
+async fn systemd_socket_activation_and_notifications() {
+    timeout(BOUND, async {
+        let deploy = Deploy::new("systemd");
+        let notify_path = deploy.dir.join("notify.sock");
+        let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+        let port = free_port();
+        let mut activator = tokio::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--fdname=http")
+            .args(["-E", "RUST_LOG=info", "-E"])
+            .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
+            .arg(&deploy.bin)
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--pid-file")
+            .arg(&deploy.pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("systemd-socket-activate is installed (Debian package systemd)");
+        let first = activator.id().unwrap();
+        // The activator execs the server on the first connection.
+        drop(connect_when_listening(port).await);
+        let body = get(port).await;
+        assert_eq!(
+            body,
+            format!("hello from {first}"),
+            "the activated socket is served"
+        );
+
+        let mut buf = vec![0u8; 4096];
+        let mut next_message = async || {
+            let n = timeout(Duration::from_secs(20), notify.recv(&mut buf))
+                .await
+                .expect("a notification")
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(next_message().await, format!("READY=1\nMAINPID={first}"));
+
+        send_signal(first, "HUP");
+        assert_eq!(next_message().await, "RELOADING=1");
+        let ready = next_message().await;
+        let second: u32 = ready
+            .strip_prefix("READY=1\nMAINPID=")
+            .unwrap_or_else(|| panic!("READY from the new generation, got {ready:?}"))
+            .parse()
+            .unwrap();
+        assert_ne!(second, first);
+        wait_until(
+            "the first generation exits",
+            Duration::from_secs(20),
+            || !is_alive(first),
+        )
+        .await;
+        assert_eq!(get(port).await, format!("hello from {second}"), "handed on");
+
+        send_signal(second, "TERM");
+        assert_eq!(next_message().await, "STOPPING=1");
+        wait_until(
+            "the second generation exits",
+            Duration::from_secs(20),
+            || !is_alive(second),
+        )
+        .await;
+        let _ = activator.wait().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// An inherited listener whose name the application does not ask for is
+/// not silently replaced: the bind on the same address fails, and the
+/// error names what was inherited.
+#[tokio::test]
+async fn an_inherited_name_that_does_not_match_is_a_clear_error() {
+    timeout(BOUND, async {
+        let port = free_port();
+        let mut activator = tokio::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--fdname=other")
+            .arg(support::hello_binary())
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("systemd-socket-activate is installed (Debian package systemd)");
+        // Trigger the activation; the server refuses to start.
+        let _connection = connect_when_listening(port).await;
+        let status = timeout(Duration::from_secs(20), activator.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!status.success());
+        let mut stderr = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut activator.stderr.take().unwrap(), &mut stderr)
+            .await
+            .unwrap();
+        assert!(
+            stderr.contains(&format!(
+                "binding listener \"http\" to [127.0.0.1:{port}] (inherited: other)"
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,278 @@
+//! Restarts of a real server process (`examples/hello`) under load: real
+//! processes, real sockets, signals sent by pid, every process ended by the
+//! test.
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Deploy, Load, Server, fd_count, is_alive, processes_from, send_signal, wait_until};
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_under_keep_alive_load_answer_every_request() {
+    timeout(BOUND, async {
+        const RESTARTS: usize = 10;
+        let server = Server::start(Deploy::new("load"), &[]).await;
+        let load = Load::start(server.addr, 4, "/");
+        let load_h2 = Load::start_with(server.addr, 2, "/", true);
+        load.wait_answers(100).await;
+        load_h2.wait_answers(100).await;
+
+        let mut generations = vec![server.current_pid()];
+        for _ in 0..RESTARTS {
+            let new = server.restart().await;
+            assert!(!generations.contains(&new));
+            generations.push(new);
+            // The new generation answers before the next restart.
+            wait_until("the new pid answers", Duration::from_secs(20), || {
+                load.pids.lock().unwrap().contains(&new)
+            })
+            .await;
+        }
+        load.wait_answers(100).await;
+        load_h2.wait_answers(100).await;
+        let (ok, failed, pids) = load.stop().await;
+        let retried_h2 = load_h2.retried.load(std::sync::atomic::Ordering::Relaxed);
+        let (ok_h2, failed_h2, pids_h2) = load_h2.stop().await;
+        eprintln!(
+            "{RESTARTS} restarts: HTTP/1 {ok} answered, {} failed; HTTP/2 {ok_h2} answered, {} failed, {retried_h2} refused unprocessed by GOAWAY and retried",
+            failed.len(),
+            failed_h2.len()
+        );
+        assert!(
+            failed.is_empty(),
+            "HTTP/1: {} of {ok} requests failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(
+            failed_h2.is_empty(),
+            "HTTP/2: {} of {ok_h2} requests failed: {:?}",
+            failed_h2.len(),
+            &failed_h2[..failed_h2.len().min(5)]
+        );
+        assert!(pids_h2.len() > 1, "HTTP/2 clients moved to new generations");
+        for pid in &generations {
+            assert!(pids.contains(pid), "generation {pid} answered");
+        }
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_request_in_flight_during_the_restart_finishes_from_the_old_generation() {
+    timeout(BOUND, async {
+        let server = Server::start(Deploy::new("inflight"), &[]).await;
+        let old = server.current_pid();
+        let idle_fds = fd_count(old);
+        let slow = tokio::spawn({
+            let url = format!("http://{}/sleep/1500", server.addr);
+            async move {
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+                let response = client.get(url.parse().unwrap()).await.unwrap();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (String::from_utf8(body.to_vec()).unwrap(), tokio::time::Instant::now())
+            }
+        });
+        // The old generation has accepted the request's connection.
+        wait_until("the old generation accepted", Duration::from_secs(10), || {
+            fd_count(old) > idle_fds
+        })
+        .await;
+        send_signal(old, "HUP");
+        let new = server.wait_pid_file_change(Some(old)).await;
+        assert!(is_alive(old), "the old generation waits for its request");
+
+        let (body, answered_at) = slow.await.unwrap();
+        assert_eq!(body, format!("slept 1500 in {old}"));
+        wait_until("the old generation exits", Duration::from_secs(20), || !is_alive(old)).await;
+        let exit_after = answered_at.elapsed();
+        assert!(
+            exit_after < Duration::from_secs(5),
+            "the old generation exits with its last response, not at the 10 s drain timeout ({exit_after:?})"
+        );
+        assert_eq!(server.current_pid(), new);
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_binaries_keep_the_old_generation_serving() {
+    timeout(BOUND, async {
+        let server = Server::start(Deploy::new("broken"), &[]).await;
+        let load = Load::start(server.addr, 2, "/");
+        load.wait_answers(50).await;
+        let old = server.current_pid();
+
+        // 1. A binary that exits at once.
+        server.deploy.install_script("#!/bin/sh\nexit 1\n");
+        send_signal(old, "HUP");
+        wait_until("the failure is logged", Duration::from_secs(20), || {
+            server
+                .log_text()
+                .contains("exited before it was ready: exit status: 1")
+        })
+        .await;
+        load.wait_answers(50).await;
+        assert_eq!(server.current_pid(), old);
+
+        // 2. A binary that hangs: killed at the ready timeout (2 s), reaped.
+        server.deploy.install_script("#!/bin/sh\nexec sleep 600\n");
+        send_signal(old, "HUP");
+        wait_until("the timeout is logged", Duration::from_secs(20), || {
+            server
+                .log_text()
+                .contains("was not ready within 2s; it was killed")
+        })
+        .await;
+        let hung_pid: u32 = {
+            let logs = server.log_text();
+            let line = logs
+                .lines()
+                .rev()
+                .find(|l| l.contains("was not ready within"))
+                .unwrap();
+            let at = line.find("new generation (pid ").unwrap() + "new generation (pid ".len();
+            line[at..].split(')').next().unwrap().parse().unwrap()
+        };
+        assert!(!is_alive(hung_pid), "the hung child was killed and reaped");
+        assert!(
+            !std::fs::read_to_string(format!("/proc/{hung_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z")),
+            "no zombie left"
+        );
+        load.wait_answers(50).await;
+
+        // 3. The binary was deleted.
+        std::fs::remove_file(&server.deploy.bin).unwrap();
+        send_signal(old, "HUP");
+        wait_until(
+            "the missing binary is logged",
+            Duration::from_secs(20),
+            || {
+                server
+                    .log_text()
+                    .contains("it does not exist (was it deleted?)")
+            },
+        )
+        .await;
+        load.wait_answers(50).await;
+        assert_eq!(server.current_pid(), old);
+
+        // 4. A good deploy still works after all that.
+        server.deploy.install_good();
+        let new = server.restart().await;
+        wait_until("the new pid answers", Duration::from_secs(20), || {
+            load.pids.lock().unwrap().contains(&new)
+        })
+        .await;
+        let (ok, failed, _) = load.stop().await;
+        assert!(
+            failed.is_empty(),
+            "{} of {ok} requests failed: {failed:?}",
+            failed.len()
+        );
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn two_upgrade_signals_5ms_apart_make_exactly_one_new_generation() {
+    timeout(BOUND, async {
+        let server = Server::start(Deploy::new("twice"), &[]).await;
+        let old = server.current_pid();
+        send_signal(old, "HUP");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if is_alive(old) {
+            send_signal(old, "HUP");
+        }
+        let new = server.wait_pid_file_change(Some(old)).await;
+        wait_until("the old generation exits", Duration::from_secs(20), || {
+            !is_alive(old)
+        })
+        .await;
+        // Give a wrongly queued second upgrade the time to show itself.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            processes_from(&server.deploy.dir),
+            vec![new],
+            "exactly one generation"
+        );
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_upgrade_signal_during_an_upgrade_is_refused() {
+    timeout(BOUND, async {
+        let server = Server::start(Deploy::new("refused"), &[]).await;
+        let old = server.current_pid();
+        // The next generation takes 500 ms to start: the second signal
+        // surely arrives while the first upgrade waits for it.
+        let real = server.deploy.dir.join("hello.real");
+        std::fs::copy(support::hello_binary(), &real).unwrap();
+        server.deploy.install_script(&format!(
+            "#!/bin/sh\nsleep 0.5\nexec {} \"$@\"\n",
+            real.display()
+        ));
+        send_signal(old, "HUP");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        send_signal(old, "HUP");
+        wait_until("the refusal is logged", Duration::from_secs(20), || {
+            server
+                .log_text()
+                .contains("an upgrade is already in progress")
+        })
+        .await;
+        let new = server.wait_pid_file_change(Some(old)).await;
+        wait_until("the old generation exits", Duration::from_secs(20), || {
+            !is_alive(old)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            processes_from(&server.deploy.dir),
+            vec![new],
+            "exactly one generation"
+        );
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn fd_count_of_generation_31_equals_generation_1() {
+    timeout(BOUND, async {
+        let server = Server::start(Deploy::new("fds"), &[]).await;
+        let first = server.current_pid();
+        let first_fds = fd_count(first);
+        let mut pid = first;
+        for _ in 0..30 {
+            pid = server.restart().await;
+        }
+        assert_eq!(fd_count(pid), first_fds, "no fd leaks across 30 hand-overs");
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}

@@ -1,0 +1,397 @@
+//! Shared by the process tests: a deployable copy of `examples/hello`, its
+//! generations, and a keep-alive load.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::task::JoinHandle;
+
+/// The `hello` example built next to this test binary.
+pub fn hello_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let hello = profile_dir.join("examples").join("hello");
+    assert!(
+        hello.exists(),
+        "{} is missing: build the examples (cargo build --examples)",
+        hello.display()
+    );
+    hello
+}
+
+/// A directory holding the binary that generations are started from, so a
+/// test can deploy another file over it.
+pub struct Deploy {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Deploy {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("handover-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let deploy = Deploy {
+            bin: dir.join("hello"),
+            pid_file: dir.join("hello.pid"),
+            dir,
+        };
+        deploy.install_good();
+        deploy
+    }
+
+    fn install(&self, write: impl FnOnce(&Path)) {
+        use std::os::unix::fs::PermissionsExt;
+        let new = self.dir.join("hello.new");
+        write(&new);
+        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // As deploys do: a rename over the path, never a write into it.
+        std::fs::rename(&new, &self.bin).unwrap();
+    }
+
+    pub fn install_good(&self) {
+        self.install(|new| {
+            std::fs::copy(hello_binary(), new).unwrap();
+        });
+    }
+
+    pub fn install_script(&self, script: &str) {
+        self.install(|new| std::fs::write(new, script).unwrap());
+    }
+
+    pub fn read_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Deploy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+pub fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !(state.starts_with('Z') || state.starts_with('X'))
+        }
+        Err(_) => false,
+    }
+}
+
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Polls `check` every 2 ms until it is true; panics after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Live processes running a binary from `dir`.
+pub fn processes_from(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(exe) = std::fs::read_link(entry.path().join("exe"))
+            && exe.starts_with(dir)
+            && is_alive(pid)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A running `hello` and its successors.
+pub struct Server {
+    pub deploy: Deploy,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<String>>,
+    first: tokio::process::Child,
+    known_pids: Mutex<BTreeSet<u32>>,
+}
+
+impl Server {
+    pub async fn start(deploy: Deploy, extra_env: &[(&str, &str)]) -> Server {
+        let mut command = tokio::process::Command::new(&deploy.bin);
+        command
+            .args(["--addr", "127.0.0.1:0", "--pid-file"])
+            .arg(&deploy.pid_file)
+            .args(["--ready-timeout", "2", "--drain-timeout", "10"])
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let mut first = command.spawn().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(first.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(first.stderr.take().unwrap()),
+        ] {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut logs = logs.lock().unwrap();
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+            });
+        }
+        let addr_logs = logs.clone();
+        let mut addr = None;
+        wait_until(
+            "the first generation listens",
+            Duration::from_secs(20),
+            || {
+                addr = addr_logs.lock().unwrap().lines().find_map(|line| {
+                    let rest = line.split(" listening ").nth(1)?;
+                    rest.split_whitespace()
+                        .find_map(|f| f.strip_prefix("addr="))?
+                        .parse()
+                        .ok()
+                });
+                addr.is_some()
+            },
+        )
+        .await;
+        let server = Server {
+            addr: addr.unwrap(),
+            deploy,
+            logs,
+            first,
+            known_pids: Mutex::new(BTreeSet::new()),
+        };
+        server.wait_pid_file_change(None).await;
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn current_pid(&self) -> u32 {
+        let pid = self.deploy.read_pid().expect("pid file");
+        self.known_pids.lock().unwrap().insert(pid);
+        pid
+    }
+
+    /// Waits until the pid file names a live process other than `old`.
+    pub async fn wait_pid_file_change(&self, old: Option<u32>) -> u32 {
+        let mut new = None;
+        wait_until("a new pid in the pid file", Duration::from_secs(20), || {
+            new = self
+                .deploy
+                .read_pid()
+                .filter(|p| Some(*p) != old && is_alive(*p));
+            new.is_some()
+        })
+        .await;
+        let new = new.unwrap();
+        self.known_pids.lock().unwrap().insert(new);
+        new
+    }
+
+    /// SIGHUP to the current generation; returns the new pid once the old
+    /// generation has exited.
+    pub async fn restart(&self) -> u32 {
+        let old = self.current_pid();
+        send_signal(old, "HUP");
+        let new = self.wait_pid_file_change(Some(old)).await;
+        wait_until("the old generation exits", Duration::from_secs(20), || {
+            !is_alive(old)
+        })
+        .await;
+        new
+    }
+
+    /// SIGTERM to the current generation, and wait for it to end.
+    pub async fn stop(mut self) {
+        let pid = self.current_pid();
+        send_signal(pid, "TERM");
+        wait_until("the last generation exits", Duration::from_secs(20), || {
+            !is_alive(pid)
+        })
+        .await;
+        let _ = self.first.wait().await;
+        assert!(
+            processes_from(&self.deploy.dir).is_empty(),
+            "no process left behind"
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Only when a test failed midway: end whatever it started, by pid.
+        for pid in processes_from(&self.deploy.dir) {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// Keep-alive HTTP/1 load from a pooled hyper client (which, like most
+/// clients, re-sends a request that was never written to a closed
+/// connection).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub ok: Arc<AtomicUsize>,
+    pub failed: Arc<Mutex<Vec<String>>>,
+    pub pids: Arc<Mutex<BTreeSet<u32>>>,
+    /// HTTP/2 requests refused unprocessed by a GOAWAY and sent again.
+    pub retried: Arc<AtomicUsize>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, clients: usize, path: &'static str) -> Load {
+        Self::start_with(addr, clients, path, false)
+    }
+
+    /// Like [`start`](Self::start), over HTTP/2 (prior knowledge) when `http2`.
+    pub fn start_with(addr: SocketAddr, clients: usize, path: &'static str, http2: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeSet::new()));
+        let retried = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..clients)
+            .map(|_| {
+                let client: Client<HttpConnector, Empty<Bytes>> =
+                    Client::builder(TokioExecutor::new())
+                        .http2_only(http2)
+                        .build_http();
+                let (stop, ok, failed, pids) =
+                    (stop.clone(), ok.clone(), failed.clone(), pids.clone());
+                let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
+                let retried = retried.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut result = Self::one(&client, uri.clone()).await;
+                        // RFC 9113 6.8: a stream refused by GOAWAY (NO_ERROR)
+                        // was not processed; a client may send it again.
+                        // hyper-util's pooled client does not; we do, once.
+                        if result
+                            .as_ref()
+                            .is_err_and(|e| e.contains("GoAway(") && e.contains("NO_ERROR"))
+                        {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            result = Self::one(&client, uri.clone()).await;
+                        }
+                        match result {
+                            Ok(pid) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                pids.lock().unwrap().insert(pid);
+                            }
+                            Err(e) => failed.lock().unwrap().push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            pids,
+            retried,
+            tasks,
+        }
+    }
+
+    async fn one(
+        client: &Client<HttpConnector, Empty<Bytes>>,
+        uri: http::Uri,
+    ) -> Result<u32, String> {
+        let response = client
+            .get(uri)
+            .await
+            .map_err(|e| format!("request: {e:?}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        if !status.is_success() {
+            return Err(format!("status {status}: {body}"));
+        }
+        body.rsplit(' ')
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .ok_or_else(|| format!("unexpected body {body:?}"))
+    }
+
+    /// Waits until `n` more requests have been answered.
+    pub async fn wait_answers(&self, n: usize) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        wait_until("load answered", Duration::from_secs(20), || {
+            self.ok.load(Ordering::Relaxed) >= target
+        })
+        .await;
+    }
+
+    pub async fn stop(self) -> (usize, Vec<String>, BTreeSet<u32>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        let pids = self.pids.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failed, pids)
+    }
+}
