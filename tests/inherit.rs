@@ -255,3 +255,47 @@ async fn an_inherited_name_that_does_not_match_is_a_clear_error() {
     .await
     .unwrap();
 }
+
+/// Listeners passed but never taken by the application are reported and
+/// closed once it is ready: they stop accepting connections.
+#[tokio::test]
+async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready() {
+    timeout(BOUND, async {
+        let (port, extra) = (free_port(), free_port());
+        let mut activator = tokio::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-l")
+            .arg(format!("127.0.0.1:{extra}"))
+            .arg("--fdname=http:extra")
+            .args(["-E", "RUST_LOG=info"])
+            .arg(support::hello_binary())
+            .arg("--addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("systemd-socket-activate is installed (Debian package systemd)");
+        drop(connect_when_listening(port).await);
+        let pid = activator.id().unwrap();
+        assert_eq!(get(port).await, format!("hello from {pid}"));
+        let refused = tokio::net::TcpStream::connect(("127.0.0.1", extra)).await;
+        assert!(refused.is_err(), "the unused listener was closed: {refused:?}");
+
+        send_signal(pid, "TERM");
+        let status = timeout(Duration::from_secs(20), activator.wait()).await.unwrap().unwrap();
+        assert!(status.success());
+        let mut stdout = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut activator.stdout.take().unwrap(), &mut stdout)
+            .await
+            .unwrap();
+        assert!(
+            stdout.contains("inherited listener was not taken by the application; closing it name=\"extra\" fd=4"),
+            "{stdout}"
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -276,3 +276,54 @@ async fn fd_count_of_generation_31_equals_generation_1() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn sigterm_during_a_pending_upgrade_kills_the_child_and_drains() {
+    timeout(BOUND, async {
+        let mut server = Server::start(Deploy::new("term"), &[]).await;
+        let old = server.current_pid();
+        server.deploy.install_script("#!/bin/sh\nexec sleep 600\n");
+        send_signal(old, "HUP");
+        wait_until("the upgrade started", Duration::from_secs(20), || {
+            server
+                .log_text()
+                .contains("upgrade: starting the next generation")
+        })
+        .await;
+        send_signal(old, "TERM");
+        let status = timeout(Duration::from_secs(20), server.first.wait())
+            .await
+            .expect("the process drained and exited")
+            .unwrap();
+        assert!(
+            status.success(),
+            "exit status {status}\n{}",
+            server.log_text()
+        );
+        // The log lines arrive through a pipe: wait for the last one.
+        wait_until("the exit is logged", Duration::from_secs(20), || {
+            server.log_text().contains("shut down; exiting")
+        })
+        .await;
+        let logs = server.log_text();
+        assert!(logs.contains("upgrade cancelled by shutdown"), "{logs}");
+        assert!(processes_from(&server.deploy.dir).is_empty());
+        let line = logs
+            .lines()
+            .find(|l| l.contains("upgrade cancelled by shutdown"))
+            .unwrap();
+        let child: u32 = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("pid="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!is_alive(child), "the pending child was killed and reaped");
+        assert!(
+            server.deploy.read_pid().is_none(),
+            "the pid file is removed on shutdown"
+        );
+    })
+    .await
+    .unwrap();
+}

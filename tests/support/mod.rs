@@ -151,7 +151,7 @@ pub struct Server {
     pub deploy: Deploy,
     pub addr: SocketAddr,
     pub logs: Arc<Mutex<String>>,
-    first: tokio::process::Child,
+    pub first: tokio::process::Child,
     known_pids: Mutex<BTreeSet<u32>>,
 }
 
@@ -262,7 +262,11 @@ impl Server {
             !is_alive(pid)
         })
         .await;
-        let _ = self.first.wait().await;
+        let status = self.first.wait().await.unwrap();
+        assert!(
+            status.success(),
+            "the first generation exited with {status}"
+        );
         assert!(
             processes_from(&self.deploy.dir).is_empty(),
             "no process left behind"
