@@ -1,0 +1,481 @@
+//! The graceful-aware restart benchmark: what a restart costs the clients.
+//!
+//! ```text
+//! cargo run --release --example restart_bench -- [--seconds 10] [--every-ms 500]
+//!     [--h1 16] [--h2 4] [--streams 8]
+//! ```
+//!
+//! It starts `examples/hello` (built in release mode first), drives it with
+//! a keep-alive load from its own client (`--h1` HTTP/1.1 connections and
+//! `--h2` HTTP/2 connections carrying `--streams` concurrent streams each),
+//! and runs two phases of `--seconds` each in one run: steady (no restart),
+//! then a `SIGHUP` every `--every-ms`. For each it prints requests,
+//! requests/s, failed requests (any error or non-2xx), latency percentiles,
+//! and for the restart phase: restarts achieved, time from the signal to the
+//! new generation answering, and time from an old generation's last response
+//! to its exit. Last, the ratio of the two throughputs.
+//!
+//! A request that an HTTP/2 GOAWAY refused (RFC 9113 6.8 guarantees it was
+//! not processed) is sent again, as a conforming client may, and counted
+//! apart: `refused+retried`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http::header::HOST;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(Clone)]
+struct Options {
+    seconds: f64,
+    every: Duration,
+    h1: usize,
+    h2: usize,
+    streams: usize,
+}
+
+fn parse() -> Result<Options, String> {
+    let mut o = Options {
+        seconds: 10.0,
+        every: Duration::from_millis(500),
+        h1: 16,
+        h2: 4,
+        streams: 8,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let n = |v: &str| v.parse::<f64>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--seconds" => o.seconds = n(&v)?,
+            "--every-ms" => o.every = Duration::from_secs_f64(n(&v)? / 1e3),
+            "--h1" => o.h1 = n(&v)? as usize,
+            "--h2" => o.h2 = n(&v)? as usize,
+            "--streams" => o.streams = n(&v)? as usize,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(o)
+}
+
+/// What each response told us: when, from which pid, how long it took.
+#[derive(Default)]
+struct Record {
+    latencies_us: Vec<u32>,
+    failed: Vec<String>,
+    retried: usize,
+    /// pid -> (first response, last response)
+    seen: HashMap<u32, (Instant, Instant)>,
+}
+
+impl Record {
+    fn merge(&mut self, other: Record) {
+        self.latencies_us.extend(other.latencies_us);
+        self.failed.extend(other.failed);
+        self.retried += other.retried;
+        for (pid, (first, last)) in other.seen {
+            let e = self.seen.entry(pid).or_insert((first, last));
+            e.0 = e.0.min(first);
+            e.1 = e.1.max(last);
+        }
+    }
+}
+
+fn pid_of(body: &[u8]) -> Option<u32> {
+    std::str::from_utf8(body)
+        .ok()?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+async fn connect(addr: std::net::SocketAddr, h2: bool) -> Result<Sender, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(stream);
+    if h2 {
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("h1 handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(Sender::H1(sender))
+    }
+}
+
+enum Outcome {
+    Answered(u32),
+    /// Not sent: the connection was closed (HTTP/1 after `Connection:
+    /// close`) or refused by GOAWAY (HTTP/2): reconnect and send again.
+    NotSent,
+    Failed(String),
+}
+
+async fn one(sender: &mut Sender) -> Outcome {
+    let request = Request::get("/")
+        .header(HOST, "127.0.0.1")
+        .body(Empty::new())
+        .expect("request");
+    let response = match sender {
+        Sender::H1(s) => {
+            if s.ready().await.is_err() {
+                return Outcome::NotSent;
+            }
+            s.send_request(request).await
+        }
+        Sender::H2(s) => {
+            if s.ready().await.is_err() {
+                return Outcome::NotSent;
+            }
+            s.send_request(request).await
+        }
+    };
+    let response = match response {
+        Ok(r) => r,
+        Err(e) if e.is_canceled() => return Outcome::NotSent,
+        Err(e) => {
+            let text = format!("{e:?}");
+            // RFC 9113 6.8: refused by GOAWAY (NO_ERROR): not processed.
+            if text.contains("GoAway(") && text.contains("NO_ERROR") {
+                return Outcome::NotSent;
+            }
+            return Outcome::Failed(text);
+        }
+    };
+    let status = response.status();
+    match response.into_body().collect().await {
+        Ok(body) if status.is_success() => match pid_of(&body.to_bytes()) {
+            Some(pid) => Outcome::Answered(pid),
+            None => Outcome::Failed("unexpected body".into()),
+        },
+        Ok(_) => Outcome::Failed(format!("status {status}")),
+        Err(e) => Outcome::Failed(format!("body: {e}")),
+    }
+}
+
+/// One client: a connection (or an HTTP/2 stream on a shared connection)
+/// sending requests back to back until `stop`, reconnecting when the server
+/// closes the connection gracefully.
+async fn client(
+    addr: std::net::SocketAddr,
+    shared: Option<Arc<tokio::sync::Mutex<Option<Sender>>>>,
+    stop: Arc<AtomicBool>,
+) -> Record {
+    let mut record = Record::default();
+    let h2 = shared.is_some();
+    let mut own: Option<Sender> = None;
+    while !stop.load(Ordering::Relaxed) {
+        // Get a sender: our own (HTTP/1) or a clone of the shared HTTP/2 one.
+        let mut sender = match &shared {
+            None => match own.take() {
+                Some(s) => s,
+                None => match connect(addr, false).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        record.failed.push(e);
+                        continue;
+                    }
+                },
+            },
+            Some(slot) => {
+                let mut slot = slot.lock().await;
+                let usable = matches!(&*slot, Some(Sender::H2(s)) if !s.is_closed());
+                if !usable {
+                    match connect(addr, true).await {
+                        Ok(s) => *slot = Some(s),
+                        Err(e) => {
+                            record.failed.push(e);
+                            continue;
+                        }
+                    }
+                }
+                match slot.as_ref() {
+                    Some(Sender::H2(s)) => Sender::H2(s.clone()),
+                    _ => unreachable!("the slot holds an HTTP/2 sender"),
+                }
+            }
+        };
+        let started = Instant::now();
+        match one(&mut sender).await {
+            Outcome::Answered(pid) => {
+                let now = Instant::now();
+                record.latencies_us.push(
+                    now.duration_since(started)
+                        .as_micros()
+                        .min(u32::MAX as u128) as u32,
+                );
+                let e = record.seen.entry(pid).or_insert((now, now));
+                e.1 = now;
+                if !h2 {
+                    own = Some(sender);
+                }
+            }
+            Outcome::NotSent => {
+                if h2 {
+                    record.retried += 1;
+                }
+            }
+            Outcome::Failed(e) => record.failed.push(e),
+        }
+    }
+    record
+}
+
+async fn load(
+    addr: std::net::SocketAddr,
+    o: &Options,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Record>> {
+    let mut tasks = Vec::new();
+    for _ in 0..o.h1 {
+        tasks.push(tokio::spawn(client(addr, None, stop.clone())));
+    }
+    for _ in 0..o.h2 {
+        let slot = Arc::new(tokio::sync::Mutex::new(None));
+        for _ in 0..o.streams {
+            tasks.push(tokio::spawn(client(addr, Some(slot.clone()), stop.clone())));
+        }
+    }
+    tasks
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1e3
+}
+
+fn summary(name: &str, record: &mut Record, elapsed: Duration) -> f64 {
+    record.latencies_us.sort_unstable();
+    let n = record.latencies_us.len();
+    let rps = n as f64 / elapsed.as_secs_f64();
+    println!(
+        "{name:<9} requests {n:>8}  req/s {rps:>9.0}  failed {:>4}  refused+retried {:>3}  latency ms p50 {:.2} p99 {:.2} max {:.2}",
+        record.failed.len(),
+        record.retried,
+        percentile(&record.latencies_us, 0.50),
+        percentile(&record.latencies_us, 0.99),
+        percentile(&record.latencies_us, 1.0),
+    );
+    for failure in record.failed.iter().take(5) {
+        println!("          failure: {failure}");
+    }
+    rps
+}
+
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !(state.starts_with('Z') || state.starts_with('X'))
+        })
+        .unwrap_or(false)
+}
+
+fn hello_binary() -> Result<PathBuf, String> {
+    // Under `cargo run`, build hello first so the figures are for this code.
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--release", "--example", "hello"])
+            .status()
+            .map_err(|e| format!("cargo build: {e}"))?;
+        if !status.success() {
+            return Err("building examples/hello failed".into());
+        }
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let hello = exe.with_file_name("hello");
+    if hello.exists() {
+        Ok(hello)
+    } else {
+        Err(format!(
+            "{} is missing: build it with cargo build --release --example hello",
+            hello.display()
+        ))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let o = parse()?;
+    let hello = hello_binary()?;
+    let dir = std::env::temp_dir().join(format!("handover-restart-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pid_file = dir.join("hello.pid");
+    let mut first = tokio::process::Command::new(&hello)
+        .args(["--addr", "127.0.0.1:0", "--pid-file"])
+        .arg(&pid_file)
+        .env("RUST_LOG", "warn,hello=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(first.stdout.take().expect("stdout")).lines();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or("hello exited before listening")?;
+        if let Some(addr) = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("addr="))
+            .and_then(|a| a.parse().ok())
+        {
+            break addr;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let read_pid =
+        || -> Option<u32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    while read_pid().is_none() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let phase = Duration::from_secs_f64(o.seconds);
+    println!(
+        "hello at {addr}; {} HTTP/1.1 connections + {} HTTP/2 connections x {} streams; {:.0} s per phase",
+        o.h1, o.h2, o.streams, o.seconds
+    );
+
+    // Phase 1: steady.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(addr, &o, stop.clone()).await;
+    let started = Instant::now();
+    tokio::time::sleep(phase).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut steady = Record::default();
+    for t in tasks {
+        steady.merge(t.await?);
+    }
+    let steady_rps = summary("steady", &mut steady, elapsed);
+
+    // Phase 2: a SIGHUP every `every`.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(addr, &o, stop.clone()).await;
+    let started = Instant::now();
+    let exits: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    let mut signals: Vec<(u32, Instant)> = Vec::new();
+    let mut next = started + o.every;
+    while started.elapsed() < phase {
+        tokio::time::sleep_until(next.into()).await;
+        next += o.every;
+        let Some(old) = read_pid() else { continue };
+        let sent = Instant::now();
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(old.to_string())
+            .status()?;
+        if !status.success() {
+            continue;
+        }
+        signals.push((old, sent));
+        // Watch the old generation's exit at 0.2 ms resolution.
+        let exits = exits.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while is_alive(old) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            exits.lock().expect("exits").insert(old, Instant::now());
+        });
+        // The next signal goes to the new generation: wait until it exists.
+        let wait_from = Instant::now();
+        while read_pid() == Some(old) && wait_from.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut restarts = Record::default();
+    for t in tasks {
+        restarts.merge(t.await?);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let restart_rps = summary("restarts", &mut restarts, elapsed);
+
+    // Signal -> first answer from a new pid; old's last answer -> its exit.
+    let mut to_new = Vec::new();
+    let mut to_exit = Vec::new();
+    let exits = exits.lock().expect("exits").clone();
+    for (old, sent) in &signals {
+        let new_first = restarts
+            .seen
+            .iter()
+            .filter(|(pid, (first, _))| *pid != old && *first > *sent)
+            .map(|(_, (first, _))| *first)
+            .min();
+        if let Some(first) = new_first {
+            to_new.push(first.duration_since(*sent).as_secs_f64() * 1e3);
+        }
+        if let (Some(exit), Some((_, last))) = (exits.get(old), restarts.seen.get(old)) {
+            to_exit.push(exit.saturating_duration_since(*last).as_secs_f64() * 1e3);
+        }
+    }
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return "n/a".to_string();
+        }
+        format!(
+            "median {:.2} ms, max {:.2} ms",
+            v[v.len() / 2],
+            v[v.len() - 1]
+        )
+    };
+    println!(
+        "restarts achieved: {} (one every {:?})",
+        signals.len(),
+        o.every
+    );
+    println!("signal -> new generation answering: {}", stats(&mut to_new));
+    println!(
+        "old generation's last response -> its exit: {}",
+        stats(&mut to_exit)
+    );
+    println!(
+        "throughput during restarts / steady = {:.3}",
+        restart_rps / steady_rps
+    );
+
+    // End the last generation by its pid.
+    if let Some(pid) = read_pid() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while is_alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let _ = first.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !steady.failed.is_empty() || !restarts.failed.is_empty() {
+        return Err("some requests failed".into());
+    }
+    Ok(())
+}
