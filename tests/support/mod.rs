@@ -20,15 +20,20 @@ use tokio::task::JoinHandle;
 
 /// The `hello` example built next to this test binary.
 pub fn hello_binary() -> PathBuf {
+    example_binary("hello")
+}
+
+/// An example built next to this test binary.
+pub fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let hello = profile_dir.join("examples").join("hello");
+    let path = profile_dir.join("examples").join(name);
     assert!(
-        hello.exists(),
+        path.exists(),
         "{} is missing: build the examples (cargo build --examples)",
-        hello.display()
+        path.display()
     );
-    hello
+    path
 }
 
 /// A directory holding the binary that generations are started from, so a
@@ -37,17 +42,25 @@ pub struct Deploy {
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub pid_file: PathBuf,
+    source: PathBuf,
 }
 
 impl Deploy {
+    /// A deploy of `examples/hello`.
     pub fn new(tag: &str) -> Self {
+        Self::of(tag, "hello")
+    }
+
+    /// A deploy of the example `name`.
+    pub fn of(tag: &str, name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("handover-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let deploy = Deploy {
-            bin: dir.join("hello"),
-            pid_file: dir.join("hello.pid"),
+            bin: dir.join(name),
+            pid_file: dir.join("server.pid"),
             dir,
+            source: example_binary(name),
         };
         deploy.install_good();
         deploy
@@ -55,7 +68,7 @@ impl Deploy {
 
     fn install(&self, write: impl FnOnce(&Path)) {
         use std::os::unix::fs::PermissionsExt;
-        let new = self.dir.join("hello.new");
+        let new = self.dir.join("binary.new");
         write(&new);
         std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
         // As deploys do: a rename over the path, never a write into it.
@@ -64,7 +77,7 @@ impl Deploy {
 
     pub fn install_good(&self) {
         self.install(|new| {
-            std::fs::copy(hello_binary(), new).unwrap();
+            std::fs::copy(&self.source, new).unwrap();
         });
     }
 
@@ -156,12 +169,24 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `hello` with a 2 s ready timeout and a 10 s drain timeout.
     pub async fn start(deploy: Deploy, extra_env: &[(&str, &str)]) -> Server {
+        Self::start_with(
+            deploy,
+            &["--ready-timeout", "2", "--drain-timeout", "10"],
+            extra_env,
+        )
+        .await
+    }
+
+    /// Starts the deployed binary with `--addr 127.0.0.1:0 --pid-file ..`
+    /// and `args`.
+    pub async fn start_with(deploy: Deploy, args: &[&str], extra_env: &[(&str, &str)]) -> Server {
         let mut command = tokio::process::Command::new(&deploy.bin);
         command
             .args(["--addr", "127.0.0.1:0", "--pid-file"])
             .arg(&deploy.pid_file)
-            .args(["--ready-timeout", "2", "--drain-timeout", "10"])
+            .args(args)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())

@@ -1,0 +1,131 @@
+//! A realistic axum application with zero-downtime restarts.
+//!
+//! ```text
+//! cargo run --release --example axum -- [--addr 127.0.0.1:3001] [--pid-file PATH]
+//! ```
+//!
+//! - `GET /` answers `hello from <pid>`;
+//! - `GET /visits` counts visits to this generation (application state);
+//! - `POST /echo` sends the request body back;
+//! - `GET /events` is a server-sent event stream (one `tick` a second) that
+//!   watches the [`ShutdownSignal`]: when this generation starts draining,
+//!   it sends a last `bye` event, with `retry:` set so the browser's
+//!   `EventSource` reconnects at once, to the next generation, and ends.
+//!
+//! `kill -HUP <pid>` restarts it; `kill -TERM <pid>` drains and exits.
+
+use std::convert::Infallible;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use futures_util::{Stream, StreamExt, stream};
+use handover::{Exit, Handover, ShutdownSignal};
+use tokio_stream::wrappers::IntervalStream;
+
+#[derive(Default)]
+struct AppState {
+    visits: AtomicU64,
+}
+
+async fn hello() -> String {
+    format!("hello from {}", std::process::id())
+}
+
+async fn visits(State(state): State<Arc<AppState>>) -> String {
+    let n = state.visits.fetch_add(1, Ordering::Relaxed) + 1;
+    format!("visit {n} to {}", std::process::id())
+}
+
+async fn echo(body: String) -> String {
+    body
+}
+
+/// Ticks until the drain starts, then says goodbye and ends: the response
+/// body finishes cleanly, and the drain does not wait for a stream that
+/// would otherwise run forever.
+async fn events(
+    Extension(shutdown): Extension<ShutdownSignal>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let pid = std::process::id();
+    let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(1)))
+        .enumerate()
+        .map(move |(i, _)| {
+            Ok(Event::default()
+                .event("tick")
+                .data(format!("{i} from {pid}")))
+        })
+        .take_until(shutdown.draining());
+    let bye = stream::once(async move {
+        Ok(Event::default()
+            .event("bye")
+            .data(format!("{pid} is restarting"))
+            .retry(Duration::from_millis(100)))
+    });
+    Sse::new(ticks.chain(bye)).keep_alive(KeepAlive::default())
+}
+
+fn app(handover: &Handover) -> Router {
+    Router::new()
+        .route("/", get(hello))
+        .route("/visits", get(visits))
+        .route("/echo", post(echo))
+        .route("/events", get(events))
+        .with_state(Arc::new(AppState::default()))
+        .layer(handover.layer())
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("axum example: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let mut addr = SocketAddr::from(([127, 0, 0, 1], 3001));
+    let mut pid_file: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--addr" => addr = value.parse()?,
+            "--pid-file" => pid_file = Some(value.into()),
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    let mut builder = Handover::builder().drain_timeout(Duration::from_secs(10));
+    if let Some(path) = pid_file {
+        builder = builder.pid_file(path);
+    }
+    let handover = builder.from_env()?;
+
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = handover.tcp("http", addr)?;
+        tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
+        let exit = handover.serve(listener, app(&handover)).await?;
+        match exit {
+            Exit::HandedOver { pid, report } => {
+                tracing::info!(new_pid = pid, %report, "handed over")
+            }
+            other => tracing::info!(report = %other.report(), "shut down"),
+        }
+        Ok(())
+    })
+}
