@@ -102,3 +102,116 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
     .await
     .unwrap();
 }
+
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod ticker {
+    include!("../examples/tonic/ticker.rs");
+}
+
+/// Unary `Hello` calls in a loop on one tonic channel until `stop`; returns
+/// (answered, failures, pids seen).
+async fn unary_load(
+    endpoint: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (usize, Vec<String>, std::collections::BTreeSet<u32>) {
+    use std::sync::atomic::Ordering;
+    let mut client = ticker::ticker_client::TickerClient::connect(endpoint)
+        .await
+        .unwrap();
+    let (mut ok, mut failed, mut pids) = (0, Vec::new(), std::collections::BTreeSet::new());
+    while !stop.load(Ordering::Relaxed) {
+        let request = ticker::HelloRequest {
+            name: "test".into(),
+        };
+        match client.hello(request).await {
+            Ok(reply) => {
+                ok += 1;
+                pids.insert(reply.into_inner().pid);
+            }
+            Err(status) => failed.push(format!("{status:?}")),
+        }
+    }
+    (ok, failed, pids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonic_example_streams_across_restarts_and_resumes_on_the_new_generation() {
+    timeout(BOUND, async {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use ticker::{TicksRequest, ticker_client::TickerClient};
+
+        let server = Server::start_with(Deploy::of("tonic", "tonic"), &[], &[]).await;
+        let endpoint = format!("http://{}", server.addr);
+        let stop = Arc::new(AtomicBool::new(false));
+        let unary: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(unary_load(endpoint.clone(), stop.clone())))
+            .collect();
+
+        let mut client = TickerClient::connect(endpoint.clone()).await.unwrap();
+        let mut next_seq = 0;
+        for _ in 0..3 {
+            let old = server.current_pid();
+            let request = TicksRequest {
+                interval_ms: 10,
+                from_seq: next_seq,
+            };
+            let mut ticks = client.ticks(request).await.unwrap().into_inner();
+            // A few ticks from the old generation, resuming without a gap.
+            for _ in 0..3 {
+                let tick = ticks.message().await.unwrap().expect("a tick");
+                assert_eq!((tick.seq, tick.pid), (next_seq, old));
+                next_seq += 1;
+            }
+            let new = server.restart().await;
+            // Every message sent before the status arrives, in order; then
+            // UNAVAILABLE, which a retry policy retries.
+            let status = loop {
+                match ticks.message().await {
+                    Ok(Some(tick)) => {
+                        assert_eq!(
+                            (tick.seq, tick.pid),
+                            (next_seq, old),
+                            "no gap, no duplicate"
+                        );
+                        next_seq += 1;
+                    }
+                    Ok(None) => panic!("the stream must end with a status, not silently"),
+                    Err(status) => break status,
+                }
+            };
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            // The retry reaches the new generation and continues the sequence.
+            let request = TicksRequest {
+                interval_ms: 10,
+                from_seq: next_seq,
+            };
+            let mut resumed = client.ticks(request).await.unwrap().into_inner();
+            let tick = resumed.message().await.unwrap().expect("a tick");
+            assert_eq!((tick.seq, tick.pid), (next_seq, new));
+            drop(resumed);
+        }
+
+        stop.store(true, Ordering::Relaxed);
+        let mut answered = 0;
+        let mut pids = std::collections::BTreeSet::new();
+        for task in unary {
+            let (ok, failed, seen) = task.await.unwrap();
+            assert!(
+                failed.is_empty(),
+                "{} unary calls failed: {failed:?}",
+                failed.len()
+            );
+            answered += ok;
+            pids.extend(seen);
+        }
+        assert!(answered > 0);
+        assert!(
+            pids.len() >= 2,
+            "unary calls reached new generations: {pids:?}"
+        );
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}

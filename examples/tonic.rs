@@ -1,0 +1,120 @@
+//! A tonic gRPC service with zero-downtime restarts.
+//!
+//! ```text
+//! cargo run --release --example tonic -- [--addr 127.0.0.1:50051] [--pid-file PATH]
+//! ```
+//!
+//! The service (`examples/tonic/ticker.proto`) has a unary `Hello` and a
+//! server-streaming `Ticks`. On `SIGHUP` the next generation takes the
+//! socket; this one sends HTTP/2 GOAWAY, lets unary calls in flight finish,
+//! and ends every open `Ticks` stream at a message boundary with status
+//! `UNAVAILABLE`, which gRPC retry policies treat as retryable: a client
+//! calls again with `from_seq` = the last seq + 1 and continues on the new
+//! generation, without a gap.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt, stream};
+use handover::{Handover, ShutdownSignal};
+use tokio_stream::wrappers::IntervalStream;
+use tonic::{Request, Response, Status};
+
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod ticker {
+    include!("tonic/ticker.rs");
+}
+
+use ticker::ticker_server::{Ticker, TickerServer};
+use ticker::{HelloReply, HelloRequest, Tick, TicksRequest};
+
+struct TickerService {
+    shutdown: ShutdownSignal,
+}
+
+type TickStream = Pin<Box<dyn Stream<Item = Result<Tick, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ticker for TickerService {
+    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let pid = std::process::id();
+        Ok(Response::new(HelloReply {
+            message: format!("hello {} from {pid}", request.into_inner().name),
+            pid,
+        }))
+    }
+
+    type TicksStream = TickStream;
+
+    async fn ticks(&self, request: Request<TicksRequest>) -> Result<Response<TickStream>, Status> {
+        let TicksRequest {
+            interval_ms,
+            from_seq,
+        } = request.into_inner();
+        let interval = Duration::from_millis(interval_ms.clamp(1, 60_000));
+        let pid = std::process::id();
+        let ticks = IntervalStream::new(tokio::time::interval(interval))
+            .zip(stream::iter(from_seq..))
+            .map(move |(_, seq)| Ok(Tick { seq, pid }))
+            // Stop at a message boundary when the drain starts...
+            .take_until(self.shutdown.draining());
+        // ...and end with a status the client can act on.
+        let goodbye = stream::once(async {
+            Err(Status::unavailable(
+                "server restarting: call again with from_seq = last seq + 1",
+            ))
+        });
+        Ok(Response::new(Box::pin(ticks.chain(goodbye))))
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tonic example: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let mut addr = SocketAddr::from(([127, 0, 0, 1], 50051));
+    let mut pid_file: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--addr" => addr = value.parse()?,
+            "--pid-file" => pid_file = Some(value.into()),
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    let mut builder = Handover::builder().drain_timeout(Duration::from_secs(10));
+    if let Some(path) = pid_file {
+        builder = builder.pid_file(path);
+    }
+    let handover = builder.from_env()?;
+
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = handover.tcp("grpc", addr)?;
+        tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
+        let service = TickerServer::new(TickerService {
+            shutdown: handover.graceful().signal(),
+        });
+        // tonic's generated server is a tower service: handover serves it
+        // over HTTP/2 (h2c) and counts every call and stream.
+        let exit = handover.serve(listener, service).await?;
+        tracing::info!(report = %exit.report(), ?exit, "exiting");
+        Ok(())
+    })
+}
