@@ -7,6 +7,8 @@
 //! - `GET /` answers `hello from <pid>`;
 //! - `GET /visits` counts visits to this generation (application state);
 //! - `POST /echo` sends the request body back;
+//! - `GET /ready` is a readiness probe: 200 while serving, 503 once this
+//!   generation drains (for Kubernetes-style rolling updates);
 //! - `GET /events` is a server-sent event stream (one `tick` a second) that
 //!   watches the [`ShutdownSignal`]: when this generation starts draining,
 //!   it sends a last `bye` event, with `retry:` set so the browser's
@@ -23,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -46,6 +49,16 @@ async fn visits(State(state): State<Arc<AppState>>) -> String {
 
 async fn echo(body: String) -> String {
     body
+}
+
+/// A readiness probe that turns 503 when the drain starts, so a load
+/// balancer stops sending new work to this process.
+async fn ready(Extension(shutdown): Extension<ShutdownSignal>) -> StatusCode {
+    if shutdown.is_draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
 }
 
 /// Ticks until the drain starts, then says goodbye and ends: the response
@@ -78,6 +91,7 @@ fn app(handover: &Handover) -> Router {
         .route("/visits", get(visits))
         .route("/echo", post(echo))
         .route("/events", get(events))
+        .route("/ready", get(ready))
         .with_state(Arc::new(AppState::default()))
         .layer(handover.layer())
 }
