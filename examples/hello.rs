@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
-//!     [--drain-timeout SECS] [--ready-timeout SECS]
+//!     [--drain-timeout SECS] [--ready-timeout SECS] [--warmup-ms MS]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -11,6 +11,11 @@
 //! `SIGHUP` or `SIGUSR2` starts a new generation of this binary, hands it the
 //! listening socket, and drains this one once the new one is ready;
 //! `SIGTERM` or `SIGINT` drains and exits. Each step is logged.
+//!
+//! `--warmup-ms` stands for an application that must warm up (fill caches,
+//! connect to a database) before it can serve: it takes its listener, waits
+//! that long, and only then says it is ready, so the previous generation
+//! serves until then.
 //!
 //! Operators script against this behaviour: keep it stable.
 
@@ -27,6 +32,7 @@ struct Args {
     pid_file: Option<PathBuf>,
     drain_timeout: Duration,
     ready_timeout: Duration,
+    warmup: Duration,
 }
 
 fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
@@ -40,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
         pid_file: None,
         drain_timeout: Duration::from_secs(30),
         ready_timeout: Duration::from_secs(30),
+        warmup: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,6 +56,12 @@ fn parse_args() -> Result<Args, String> {
             "--pid-file" => args.pid_file = Some(value.into()),
             "--drain-timeout" => args.drain_timeout = seconds(&flag, &value)?,
             "--ready-timeout" => args.ready_timeout = seconds(&flag, &value)?,
+            "--warmup-ms" => {
+                let ms: u64 = value
+                    .parse()
+                    .map_err(|e| format!("--warmup-ms {value}: {e}"))?;
+                args.warmup = Duration::from_millis(ms);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -87,7 +100,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // listeners' environment.
     let mut builder = Handover::builder()
         .drain_timeout(args.drain_timeout)
-        .ready_timeout(args.ready_timeout);
+        .ready_timeout(args.ready_timeout)
+        // Readiness is said below, explicitly, after the warm-up.
+        .auto_ready(false);
     if let Some(pid_file) = &args.pid_file {
         builder = builder.pid_file(pid_file);
     }
@@ -100,6 +115,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .route("/", get(hello))
             .route("/sleep/{ms}", get(sleep))
             .layer(handover.layer());
+        if !args.warmup.is_zero() {
+            tracing::info!(warmup_ms = args.warmup.as_millis() as u64, "warming up");
+            tokio::time::sleep(args.warmup).await;
+        }
+        // Tells the previous generation (which then drains), writes the pid
+        // file, notifies systemd. A failure here is logged; serving goes on.
+        if let Err(e) = handover.ready() {
+            tracing::error!(error = %e, "while becoming ready; serving anyway");
+        }
         match handover.serve(listener, app).await? {
             Exit::HandedOver { pid, report } => {
                 tracing::info!(new_pid = pid, %report, "handed over; exiting")

@@ -153,6 +153,41 @@ pub fn processes_from(dir: &Path) -> Vec<u32> {
     pids
 }
 
+/// Live children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let _state = fields.next();
+        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid) && is_alive(child) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// Resident memory of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -182,7 +217,27 @@ impl Server {
     /// Starts the deployed binary with `--addr 127.0.0.1:0 --pid-file ..`
     /// and `args`.
     pub async fn start_with(deploy: Deploy, args: &[&str], extra_env: &[(&str, &str)]) -> Server {
-        let mut command = tokio::process::Command::new(&deploy.bin);
+        Self::start_limited(deploy, args, extra_env, None).await
+    }
+
+    /// Like [`start_with`](Self::start_with), under `ulimit -n fd_limit`
+    /// when given.
+    pub async fn start_limited(
+        deploy: Deploy,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        fd_limit: Option<u32>,
+    ) -> Server {
+        let mut command = match fd_limit {
+            None => tokio::process::Command::new(&deploy.bin),
+            Some(limit) => {
+                let mut sh = tokio::process::Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(&deploy.bin);
+                sh
+            }
+        };
         command
             .args(["--addr", "127.0.0.1:0", "--pid-file"])
             .arg(&deploy.pid_file)
@@ -279,8 +334,19 @@ impl Server {
         new
     }
 
-    /// SIGTERM to the current generation, and wait for it to end.
-    pub async fn stop(mut self) {
+    /// SIGTERM to the current generation, and wait for it to end; every
+    /// generation must have exited 0.
+    pub async fn stop(self) {
+        let status = self.stop_any().await;
+        assert!(
+            status.success(),
+            "the first generation exited with {status}"
+        );
+    }
+
+    /// SIGTERM to the current generation, and wait for it to end; returns
+    /// how the first generation exited.
+    pub async fn stop_any(mut self) -> std::process::ExitStatus {
         let pid = self.current_pid();
         send_signal(pid, "TERM");
         wait_until("the last generation exits", Duration::from_secs(20), || {
@@ -289,13 +355,10 @@ impl Server {
         .await;
         let status = self.first.wait().await.unwrap();
         assert!(
-            status.success(),
-            "the first generation exited with {status}"
-        );
-        assert!(
             processes_from(&self.deploy.dir).is_empty(),
             "no process left behind"
         );
+        status
     }
 }
 
