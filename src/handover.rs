@@ -276,10 +276,11 @@ impl Handover {
         self.inner.listeners.is_inherited_from_previous_generation()
     }
 
-    /// Says this generation is ready: tells the previous generation (which
-    /// then stops accepting and drains), closes inherited listeners the
-    /// application did not take, writes the pid file and tells systemd
-    /// (`READY=1`, `MAINPID=`).
+    /// Says this generation is ready: starts handling the upgrade and
+    /// shutdown signals, tells the previous generation (which then stops
+    /// accepting and drains), closes inherited listeners the application
+    /// did not take, writes the pid file and tells systemd (`READY=1`,
+    /// `MAINPID=`). Call it within the Tokio runtime.
     ///
     /// [`serve`](Handover::serve) calls it when it starts accepting, unless
     /// [`Builder::auto_ready`] is off. Calling it again does nothing.
@@ -293,6 +294,16 @@ impl Handover {
             return Ok(());
         }
         let mut first_error = None;
+        // Handle the upgrade and shutdown signals before anyone can learn
+        // this process is ready (pid file, previous generation, systemd):
+        // a SIGHUP sent the moment the pid file appears must upgrade, not
+        // meet the default disposition, which terminates the process.
+        if tokio::runtime::Handle::try_current().is_ok()
+            && let Err(e) = self.start_signal_driver()
+        {
+            tracing::error!(error = %e, "while becoming ready");
+            first_error = Some(e);
+        }
         let mut note = |result: Result<(), Error>| {
             if let Err(e) = result {
                 tracing::error!(error = %e, "while becoming ready");
@@ -515,6 +526,17 @@ where
                 let _ = handover.ready();
             }
             let report = serve.await.map_err(|e| Error::io("serving", e))?;
+            // A shutdown during an upgrade has cancelled it: let it kill and
+            // reap its child before this process exits, or the child would
+            // be left running.
+            let upgrader = &handover.inner.upgrader;
+            if upgrader.is_running()
+                && tokio::time::timeout(Duration::from_secs(10), upgrader.wait_ended())
+                    .await
+                    .is_err()
+            {
+                tracing::error!("a pending upgrade did not end in 10 s; exiting anyway");
+            }
             Ok(handover.finish(report))
         })
     }

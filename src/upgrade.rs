@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -25,14 +26,17 @@ pub(crate) struct Upgrader {
     cwd: PathBuf,
     ready_timeout: Duration,
     running: AtomicBool,
+    /// Woken when an upgrade ends (its child ready, or killed and reaped).
+    ended: Notify,
 }
 
 /// Clears `running` when the upgrade ends, however it ends.
-struct Running<'a>(&'a AtomicBool);
+struct Running<'a>(&'a Upgrader);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.0.running.store(false, Ordering::SeqCst);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -48,6 +52,7 @@ impl Upgrader {
             cwd,
             ready_timeout,
             running: AtomicBool::new(false),
+            ended: Notify::new(),
         })
     }
 
@@ -58,6 +63,21 @@ impl Upgrader {
 
     pub(crate) fn is_running(&self) -> bool {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no upgrade is under way: a cancelled one has killed and
+    /// reaped its child by then, so the process can exit without leaving it
+    /// behind.
+    pub(crate) async fn wait_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.is_running() {
+                return;
+            }
+            ended.await;
+        }
     }
 
     fn check_binary(&self) -> Result<(), Error> {
@@ -95,7 +115,7 @@ impl Upgrader {
         if self.running.swap(true, Ordering::SeqCst) {
             return Err(Error::UpgradeInProgress);
         }
-        let _running = Running(&self.running);
+        let _running = Running(self);
         self.check_binary()?;
 
         let passed = listeners.for_next_generation()?;
@@ -139,7 +159,11 @@ impl Upgrader {
                 // Kill (if still running) and reap, whatever went wrong.
                 let _ = child.start_kill();
                 let status = child.wait().await;
-                tracing::error!(pid, error = %e, ?status, "upgrade failed; this generation keeps serving");
+                if matches!(e, Error::Cancelled) {
+                    tracing::warn!(pid, error = %e, ?status, "upgrade cancelled; the child was killed and reaped");
+                } else {
+                    tracing::error!(pid, error = %e, ?status, "upgrade failed; this generation keeps serving");
+                }
             }
         }
         result.map(|()| pid)
