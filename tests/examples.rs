@@ -124,11 +124,13 @@ async fn unary_load(
             name: "test".into(),
         };
         let mut result = client.hello(request()).await;
-        // hyper's `Canceled`: queued on a connection that closed before the
-        // request was written, so never sent and safe to send again (tonic's
-        // channel does not do it itself). Anything else counts as failed.
+        // Never processed, so safe to send again (tonic's channel does not
+        // do it itself): hyper's `Canceled` (queued on a connection that
+        // closed before the request was written) and a stream refused by
+        // GOAWAY with NO_ERROR (RFC 9113 6.8). Anything else counts as failed.
         if result.as_ref().is_err_and(|status| {
-            status.code() == tonic::Code::Cancelled && format!("{status:?}").contains("Canceled")
+            let text = format!("{status:?}");
+            text.contains("Canceled") || (text.contains("GoAway(") && text.contains("NO_ERROR"))
         }) {
             result = client.hello(request()).await;
         }
