@@ -597,6 +597,38 @@ mod tests {
         assert_eq!(spec.fds, vec![(3, "unknown".into())]);
     }
 
+    proptest::proptest! {
+        /// Any environment at all: no panic, and whatever is accepted keeps
+        /// the protocol's invariants. A short run in CI; a long one with
+        /// `PROPTEST_CASES=1000000 cargo nextest run parse_env_`.
+        #[test]
+        fn parse_env_never_panics_and_what_it_accepts_is_well_formed(
+            fds in proptest::option::of("[0-9]{0,3}|-?[0-9a-z :]{0,24}|[0-9]{20}"),
+            names in proptest::option::of("([a-z]{1,8}(:[a-z]{0,8}){0,4})|\\PC{0,40}|.{0,40}"),
+            pid in proptest::option::of("4242|[0-9]{0,12}|.{0,8}"),
+            ready in proptest::option::of("[0-9]{1,3}|-?[0-9]{0,12}|.{0,6}"),
+        ) {
+            let parsed = parse_env(fds.as_deref(), names.as_deref(), pid.as_deref(), ready.as_deref(), 4242);
+            if let Ok(spec) = parsed {
+                proptest::prop_assert!(spec.fds.len() <= MAX_LISTEN_FDS);
+                for (i, (fd, name)) in spec.fds.iter().enumerate() {
+                    proptest::prop_assert_eq!(*fd, LISTEN_FDS_START + i as RawFd);
+                    proptest::prop_assert!(!name.is_empty() && name.len() <= 255);
+                    proptest::prop_assert!(!name.contains(':') && !name.chars().any(char::is_control));
+                }
+                if let Some(ready) = spec.ready_fd {
+                    proptest::prop_assert!(ready >= LISTEN_FDS_START + spec.fds.len() as RawFd);
+                }
+                if let Some(pid) = &pid {
+                    proptest::prop_assert_eq!(pid.trim(), "4242");
+                }
+                if fds.is_none() {
+                    proptest::prop_assert!(spec.fds.is_empty());
+                }
+            }
+        }
+    }
+
     #[test]
     fn malformed_values_are_clear_errors() {
         let cases = [

@@ -433,3 +433,51 @@ async fn curl_requests_in_flight_during_a_drain_complete() {
     .await
     .unwrap();
 }
+
+/// Garbage bytes are answered and closed at once; a request line that never
+/// ends is closed at the deadline and counted as forced. Neither holds the
+/// process past the drain timeout.
+#[tokio::test]
+async fn malformed_http_during_a_drain_never_holds_the_process() {
+    timeout(BOUND, async {
+        let drain_timeout = Duration::from_millis(600);
+        let server = Server::start(Duration::from_millis(100), drain_timeout).await;
+        let mut garbage = TcpStream::connect(server.addr).await.unwrap();
+        garbage
+            .write_all(b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n")
+            .await
+            .unwrap();
+        let mut endless = TcpStream::connect(server.addr).await.unwrap();
+        endless
+            .write_all(b"GET /a-request-line-that-never-ends")
+            .await
+            .unwrap();
+
+        // The garbage connection is answered with an error and closed.
+        let mut reply = Vec::new();
+        timeout(Duration::from_secs(10), garbage.read_to_end(&mut reply))
+            .await
+            .expect("closed by the server")
+            .unwrap();
+        assert!(
+            reply.starts_with(b"HTTP/1.1 400"),
+            "{:?}",
+            String::from_utf8_lossy(&reply)
+        );
+        while server.graceful.connections() != 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        server.graceful.start_drain();
+        let report = server.report().await;
+        assert_eq!(report.connections_forced, 1, "{report}");
+        assert!(report.elapsed >= drain_timeout, "{report}");
+        let mut buf = [0u8; 16];
+        let read = timeout(Duration::from_secs(5), endless.read(&mut buf))
+            .await
+            .expect("the endless connection was closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    })
+    .await
+    .unwrap();
+}
