@@ -351,11 +351,7 @@ impl Handover {
             .await;
         match result {
             Ok(pid) => {
-                let mut outcome = inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
-                if outcome.is_none() {
-                    *outcome = Some(Outcome::HandedOver(pid));
-                }
-                drop(outcome);
+                self.settle(Outcome::HandedOver(pid));
                 tracing::info!(new_pid = pid, "handed over; draining this generation");
                 inner.graceful.start_drain();
                 Ok(pid)
@@ -372,13 +368,21 @@ impl Handover {
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         inner.shutting_down.cancel();
-        let mut outcome = inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if outcome.is_none() {
-            *outcome = Some(Outcome::Shutdown);
+        if self.settle(Outcome::Shutdown) {
             let _ = notify::sd_notify("STOPPING=1");
         }
-        drop(outcome);
         inner.graceful.start_drain();
+    }
+
+    /// Records how this generation ends, unless that is already decided;
+    /// returns whether this call decided it.
+    fn settle(&self, outcome: Outcome) -> bool {
+        let mut settled = self.inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let first = settled.is_none();
+        if first {
+            *settled = Some(outcome);
+        }
+        first
     }
 
     /// Serves `service` on `listener` (see [`serve`](crate::serve)) until

@@ -38,6 +38,15 @@ pub(crate) struct EnvSpec {
     pub(crate) ready_fd: Option<RawFd>,
 }
 
+/// A listener name: 1 to 255 characters, no `:` (the separator of
+/// `LISTEN_FDNAMES`) and no control characters.
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.contains(':')
+        && !name.chars().any(char::is_control)
+}
+
 fn env_error(var: &'static str, value: &str, reason: impl Into<String>) -> Error {
     Error::Env {
         var,
@@ -106,7 +115,7 @@ pub(crate) fn parse_env(
                 ));
             }
             for name in &names {
-                if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+                if !is_valid_name(name) {
                     return Err(env_error(
                         "LISTEN_FDNAMES",
                         value,
@@ -299,11 +308,7 @@ impl Listeners {
 
     /// Takes the inherited listener named `name`, if there is one.
     fn take_inherited(&self, name: &str, unix: bool) -> Result<Option<OwnedFd>, Error> {
-        if name.is_empty()
-            || name.len() > 255
-            || name.contains(':')
-            || name.chars().any(char::is_control)
-        {
+        if !is_valid_name(name) {
             return Err(Error::io(
                 format!("listener name {name:?}"),
                 std::io::Error::new(

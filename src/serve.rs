@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower_service::Service;
 
 use crate::graceful::{ConnectionToken, DrainReport, Graceful};
-use crate::layer::{GracefulLayer, GracefulService};
+use crate::layer::GracefulService;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -87,7 +87,7 @@ impl Listener for tokio::net::UnixListener {
 
 /// Serves `service` on `listener` until `graceful` drains, then drains.
 ///
-/// Every request runs through [`GracefulLayer`] (added for you) and every
+/// Every request runs through [`GracefulLayer`](crate::GracefulLayer) (added for you) and every
 /// connection is counted on `graceful`. HTTP/1.1 and HTTP/2 (cleartext,
 /// with prior knowledge) share the port. When the drain starts (by
 /// [`Graceful::start_drain`] or a signal driver):
@@ -220,83 +220,64 @@ where
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
-    }
-}
-
-impl<L, S, B> Serve<L, S>
-where
-    L: Listener,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    async fn run(self) -> io::Result<DrainReport> {
-        let Serve {
-            mut listener,
-            service,
-            graceful,
-            idle_grace,
-            drain_timeout,
-            tcp_nodelay,
-        } = self;
-        let service = GracefulLayer::new(graceful.clone()).layer_service(service);
-        let mut builder = Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
-        builder.http2().timer(TokioTimer::new());
-        let builder = Arc::new(builder);
-
-        let mut drain = pin!(graceful.signal().draining());
-        let mut backoff = ACCEPT_BACKOFF_MIN;
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                () = &mut drain => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (io, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                    tokio::select! {
-                        biased;
-                        () = &mut drain => break,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
-            backoff = ACCEPT_BACKOFF_MIN;
-            if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
-                tracing::debug!(error = %e, ?peer, "could not set TCP_NODELAY");
-            }
-            tokio::spawn(serve_connection(
-                io,
-                service.clone(),
-                builder.clone(),
-                graceful.clone(),
-                graceful.connection_token(),
+        Box::pin(async move {
+            let Serve {
+                mut listener,
+                service,
+                graceful,
                 idle_grace,
-            ));
-        }
-        drop(listener);
-        tracing::info!(
-            connections = graceful.connections(),
-            in_flight = graceful.in_flight(),
-            "stopped accepting; draining"
-        );
-        Ok(graceful.drain(drain_timeout).await)
-    }
-}
+                drain_timeout,
+                tcp_nodelay,
+            } = self;
+            let service = GracefulService::new(service, graceful.clone());
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new());
+            builder.http2().timer(TokioTimer::new());
+            let builder = Arc::new(builder);
 
-impl GracefulLayer {
-    fn layer_service<S>(&self, service: S) -> GracefulService<S> {
-        tower_layer::Layer::layer(self, service)
+            let mut drain = pin!(graceful.signal().draining());
+            let mut backoff = ACCEPT_BACKOFF_MIN;
+            loop {
+                let accepted = tokio::select! {
+                    biased;
+                    () = &mut drain => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let (io, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) if is_connection_error(&e) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                        tokio::select! {
+                            biased;
+                            () = &mut drain => break,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
+                };
+                backoff = ACCEPT_BACKOFF_MIN;
+                if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
+                    tracing::debug!(error = %e, ?peer, "could not set TCP_NODELAY");
+                }
+                tokio::spawn(serve_connection(
+                    io,
+                    service.clone(),
+                    builder.clone(),
+                    graceful.clone(),
+                    graceful.connection_token(),
+                    idle_grace,
+                ));
+            }
+            drop(listener);
+            tracing::info!(
+                connections = graceful.connections(),
+                in_flight = graceful.in_flight(),
+                "stopped accepting; draining"
+            );
+            Ok(graceful.drain(drain_timeout).await)
+        })
     }
 }
 

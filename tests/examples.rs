@@ -12,7 +12,7 @@ use http::Request;
 use http::header::HOST;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use support::{Deploy, Load, Server, wait_until};
+use support::{Deploy, Load, Server};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -86,10 +86,7 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
             let mut events = open_events(server.addr).await;
             let again = read_until(&mut events, "\n\n").await;
             assert!(again.contains(&format!("data: 0 from {new}")), "{again}");
-            wait_until("the new pid answers", Duration::from_secs(20), || {
-                load.pids.lock().unwrap().contains(&new)
-            })
-            .await;
+            load.wait_pid(new).await;
         }
         let (ok, failed, _) = load.stop().await;
         assert!(

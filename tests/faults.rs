@@ -95,10 +95,7 @@ async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_s
 
         // A good upgrade afterwards still works.
         let new = server.restart().await;
-        wait_until("the new pid answers", Duration::from_secs(20), || {
-            load.pids.lock().unwrap().contains(&new)
-        })
-        .await;
+        load.wait_pid(new).await;
         let (ok, failed, _) = load.stop().await;
         assert!(
             failed.is_empty(),
@@ -162,10 +159,7 @@ async fn the_old_generation_killed_mid_drain_loses_only_what_it_held() {
         )
         .await;
         // The new generation keeps serving.
-        wait_until("the new pid answers", Duration::from_secs(20), || {
-            load.pids.lock().unwrap().contains(&new)
-        })
-        .await;
+        load.wait_pid(new).await;
         load.wait_answers(200).await;
 
         let slow_failed = slow.failed.lock().unwrap().len();

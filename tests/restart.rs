@@ -29,10 +29,7 @@ async fn restarts_under_keep_alive_load_answer_every_request() {
             assert!(!generations.contains(&new));
             generations.push(new);
             // The new generation answers before the next restart.
-            wait_until("the new pid answers", Duration::from_secs(20), || {
-                load.pids.lock().unwrap().contains(&new)
-            })
-            .await;
+            load.wait_pid(new).await;
         }
         load.wait_answers(100).await;
         load_h2.wait_answers(100).await;
@@ -177,10 +174,7 @@ async fn broken_binaries_keep_the_old_generation_serving() {
         // 4. A good deploy still works after all that.
         server.deploy.install_good();
         let new = server.restart().await;
-        wait_until("the new pid answers", Duration::from_secs(20), || {
-            load.pids.lock().unwrap().contains(&new)
-        })
-        .await;
+        load.wait_pid(new).await;
         let (ok, failed, _) = load.stop().await;
         assert!(
             failed.is_empty(),

@@ -36,11 +36,7 @@ async fn restarts_under_http1_and_http2_load_lose_nothing_and_leak_nothing() {
         let mut newest = first;
         for _ in 0..restarts {
             newest = server.restart().await;
-            let seen = h1.pids.clone();
-            wait_until("the new generation answers", Duration::from_secs(20), || {
-                seen.lock().unwrap().contains(&newest)
-            })
-            .await;
+            h1.wait_pid(newest).await;
         }
         h1.wait_answers(500).await;
         h2.wait_answers(200).await;

@@ -477,6 +477,16 @@ impl Load {
         .await;
     }
 
+    /// Waits until generation `pid` has answered this load.
+    pub async fn wait_pid(&self, pid: u32) {
+        wait_until(
+            &format!("generation {pid} answers"),
+            Duration::from_secs(20),
+            || self.pids.lock().unwrap().contains(&pid),
+        )
+        .await;
+    }
+
     pub async fn stop(self) -> (usize, Vec<String>, BTreeSet<u32>) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
