@@ -341,26 +341,14 @@ impl Handover {
         if inner.graceful.is_draining() {
             return Err(Error::Draining);
         }
-        if inner.upgrader.is_running() {
-            return Err(Error::UpgradeInProgress);
-        }
-        let _ = notify::sd_notify("RELOADING=1");
-        let result = inner
+        let pid = inner
             .upgrader
             .upgrade(&inner.listeners, &inner.shutting_down)
-            .await;
-        match result {
-            Ok(pid) => {
-                self.settle(Outcome::HandedOver(pid));
-                tracing::info!(new_pid = pid, "handed over; draining this generation");
-                inner.graceful.start_drain();
-                Ok(pid)
-            }
-            Err(e) => {
-                let _ = notify::sd_notify("READY=1");
-                Err(e)
-            }
-        }
+            .await?;
+        self.settle(Outcome::HandedOver(pid));
+        tracing::info!(new_pid = pid, "handed over; draining this generation");
+        inner.graceful.start_drain();
+        Ok(pid)
     }
 
     /// Drains this generation and ends [`serve`](Handover::serve) with

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::listener::{
     HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID, Listeners,
 };
-use crate::sys;
+use crate::{notify, sys};
 
 /// How this process starts its successor: resolved once, at start-up.
 #[derive(Debug)]
@@ -116,6 +116,26 @@ impl Upgrader {
             return Err(Error::UpgradeInProgress);
         }
         let _running = Running(self);
+        // Only the upgrade that holds the slot tells systemd it reloads, and
+        // says ready again if it fails (not when a shutdown called it off:
+        // systemd has heard STOPPING=1 by then).
+        let _ = notify::sd_notify("RELOADING=1");
+        let result = self.start_next(listeners, cancel).await;
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, Error::Cancelled))
+        {
+            let _ = notify::sd_notify("READY=1");
+        }
+        result
+    }
+
+    /// Spawns the next generation and waits until it is ready.
+    async fn start_next(
+        &self,
+        listeners: &Listeners,
+        cancel: &CancellationToken,
+    ) -> Result<u32, Error> {
         self.check_binary()?;
 
         let passed = listeners.for_next_generation()?;
