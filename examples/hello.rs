@@ -2,11 +2,19 @@
 //!
 //! ```text
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
-//!     [--drain-timeout SECS] [--ready-timeout SECS] [--warmup-ms MS]
+//!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
-//! - `GET /sleep/{ms}` sleeps, then answers `slept <ms> in <pid>`.
+//! - `GET /sleep/{ms}` sleeps, then answers `slept <ms> in <pid>`;
+//! - `GET /ws` is a WebSocket echo: each text message comes back unchanged.
+//!   When this generation drains it finishes the echoes it owes, sends
+//!   Close 1001 (going away), and the client reconnects to the next one;
+//! - `GET /events` is a server-sent event stream: one event every 100 ms,
+//!   `id:` a sequence number that continues after the `Last-Event-ID` the
+//!   client sends, `data: <id> from <pid>`. When this generation drains the
+//!   stream ends after its last whole event, and an `EventSource` client
+//!   reconnects (after `retry:` ms) and continues with no gap.
 //!
 //! `SIGHUP` or `SIGUSR2` starts a new generation of this binary, hands it the
 //! listening socket, and drains this one once the new one is ready;
@@ -24,14 +32,23 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use axum::{Router, extract::Path, routing::get};
-use handover::{Exit, Handover};
+use std::convert::Infallible;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::response::sse::{Event, Sse};
+use axum::{Extension, Router, extract::Path, routing::get};
+use futures_util::{Stream, StreamExt};
+use handover::{Exit, Handover, ShutdownSignal};
+use tokio_stream::wrappers::IntervalStream;
 
 struct Args {
     addr: SocketAddr,
     pid_file: Option<PathBuf>,
     drain_timeout: Duration,
     ready_timeout: Duration,
+    close_grace: Duration,
     warmup: Duration,
 }
 
@@ -46,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         pid_file: None,
         drain_timeout: Duration::from_secs(30),
         ready_timeout: Duration::from_secs(30),
+        close_grace: handover::DEFAULT_CLOSE_GRACE,
         warmup: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
@@ -56,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
             "--pid-file" => args.pid_file = Some(value.into()),
             "--drain-timeout" => args.drain_timeout = seconds(&flag, &value)?,
             "--ready-timeout" => args.ready_timeout = seconds(&flag, &value)?,
+            "--close-grace" => args.close_grace = seconds(&flag, &value)?,
             "--warmup-ms" => {
                 let ms: u64 = value
                     .parse()
@@ -75,6 +94,66 @@ async fn hello() -> String {
 async fn sleep(Path(ms): Path<u64>) -> String {
     tokio::time::sleep(Duration::from_millis(ms)).await;
     format!("slept {ms} in {}", std::process::id())
+}
+
+async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<ShutdownSignal>) -> Response {
+    // `serve` keeps the upgraded connection counted until the socket is
+    // dropped, and forces it at the close grace.
+    upgrade.on_upgrade(move |socket| echo(socket, shutdown))
+}
+
+async fn echo(mut socket: WebSocket, shutdown: ShutdownSignal) {
+    loop {
+        tokio::select! {
+            // Messages already received are echoed before the goodbye.
+            biased;
+            message = socket.recv() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if socket.send(Message::Text(text)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            () = shutdown.draining() => break,
+        }
+    }
+    let close = CloseFrame {
+        code: close_code::AWAY,
+        reason: format!("{} is restarting", std::process::id()).into(),
+    };
+    if socket.send(Message::Close(Some(close))).await.is_ok() {
+        // Until the client's own Close (or the close grace).
+        while let Some(Ok(_)) = socket.recv().await {}
+    }
+}
+
+async fn events(
+    headers: HeaderMap,
+    Extension(shutdown): Extension<ShutdownSignal>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let pid = std::process::id();
+    let first = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
+    let events = IntervalStream::new(tokio::time::interval(Duration::from_millis(100)))
+        .enumerate()
+        .map(move |(i, _)| {
+            let id = first + i as u64;
+            let event = Event::default()
+                .id(id.to_string())
+                .data(format!("{id} from {pid}"));
+            Ok(if i == 0 {
+                event.retry(Duration::from_millis(100))
+            } else {
+                event
+            })
+        })
+        // Ends between two events when the drain starts.
+        .take_until(shutdown.draining());
+    Sse::new(events)
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,6 +180,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = Handover::builder()
         .drain_timeout(args.drain_timeout)
         .ready_timeout(args.ready_timeout)
+        .close_grace(args.close_grace)
         // Readiness is said below, explicitly, after the warm-up.
         .auto_ready(false);
     if let Some(pid_file) = &args.pid_file {
@@ -114,6 +194,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let app = Router::new()
             .route("/", get(hello))
             .route("/sleep/{ms}", get(sleep))
+            .route("/ws", get(ws))
+            .route("/events", get(events))
             .layer(handover.layer());
         if !args.warmup.is_zero() {
             tracing::info!(warmup_ms = args.warmup.as_millis() as u64, "warming up");

@@ -1,10 +1,11 @@
 //! The drain core: how much work this process still owes its clients.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, IntoFuture};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -86,11 +87,24 @@ pub struct Graceful {
     shared: Arc<Shared>,
 }
 
+/// How long upgraded connections (WebSocket) and event or gRPC streams are
+/// given to say goodbye once the drain starts, before they are forced (2 s).
+///
+/// See [`Graceful::set_close_grace`].
+pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// The state every clone of a [`Graceful`], every guard and every signal
 /// points to.
 pub(crate) struct Shared {
     requests: Counter,
     connections: Counter,
+    upgraded: Counter,
+    /// Upgraded connections forced at the close grace.
+    upgraded_forced: AtomicUsize,
+    /// Every live [`UpgradeToken`], so the close grace can force them all.
+    upgrades: Mutex<Upgrades>,
+    /// In nanoseconds.
+    close_grace: AtomicU64,
     /// Set once, when the drain starts. Read on every request release, so it
     /// is a plain atomic rather than the token (whose `is_cancelled` locks).
     draining: AtomicBool,
@@ -98,6 +112,9 @@ pub(crate) struct Shared {
     idle: Notify,
     /// Fires when the drain starts (what `ShutdownSignal` waits on).
     drain_started: CancellationToken,
+    /// Fires when the close grace has passed: long-lived responses end and
+    /// upgraded connections are forced.
+    close: CancellationToken,
     /// Fires when the drain deadline has passed: the serve loop aborts what is left.
     force: CancellationToken,
     /// When the drain started.
@@ -108,6 +125,20 @@ pub(crate) struct Shared {
 struct Counter {
     active: AtomicUsize,
     finished_in_drain: AtomicUsize,
+}
+
+/// Something the close grace can force: an upgraded connection's IO.
+pub(crate) trait Force: Send + Sync {
+    /// Makes the connection fail from now on, waking whoever waits on it.
+    fn force(&self);
+}
+
+#[derive(Default)]
+struct Upgrades {
+    next_id: u64,
+    live: HashMap<u64, Option<Weak<dyn Force>>>,
+    /// The close grace has passed: upgrades from now on are forced at once.
+    closed: bool,
 }
 
 impl Default for Graceful {
@@ -123,9 +154,14 @@ impl Graceful {
             shared: Arc::new(Shared {
                 requests: Counter::default(),
                 connections: Counter::default(),
+                upgraded: Counter::default(),
+                upgraded_forced: AtomicUsize::new(0),
+                upgrades: Mutex::default(),
+                close_grace: AtomicU64::new(DEFAULT_CLOSE_GRACE.as_nanos() as u64),
                 draining: AtomicBool::new(false),
                 idle: Notify::new(),
                 drain_started: CancellationToken::new(),
+                close: CancellationToken::new(),
                 force: CancellationToken::new(),
                 started_at: OnceLock::new(),
             }),
@@ -140,8 +176,16 @@ impl Graceful {
 
     /// A [`ShutdownSignal`] that resolves when this handle starts draining.
     pub fn signal(&self) -> ShutdownSignal {
+        self.signal_with(false)
+    }
+
+    /// A signal whose [`track_upgrade`](ShutdownSignal::track_upgrade) counts
+    /// nothing when `upgrades_tracked` (the serve loop tracks them itself).
+    #[inline]
+    pub(crate) fn signal_with(&self, upgrades_tracked: bool) -> ShutdownSignal {
         ShutdownSignal {
             shared: self.shared.clone(),
+            upgrades_tracked,
         }
     }
 
@@ -157,9 +201,43 @@ impl Graceful {
         self.shared.connections.active.load(Ordering::SeqCst)
     }
 
+    /// Upgraded connections (WebSocket, say) open now, as tracked by
+    /// [`serve`](crate::serve) or by [`UpgradeToken`]s.
+    pub fn upgraded(&self) -> usize {
+        self.shared.upgraded.active.load(Ordering::SeqCst)
+    }
+
     /// Whether a drain has started.
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Sets how long, once the drain has started, upgraded connections and
+    /// event or gRPC streams have to say goodbye before they are forced
+    /// ([`DEFAULT_CLOSE_GRACE`] unless set). It applies to every clone, and
+    /// is capped by the drain's own timeout.
+    ///
+    /// When the close grace passes:
+    /// - every upgraded connection still open is forced: its reads and
+    ///   writes fail from then on (when [`serve`](crate::serve) owns its
+    ///   IO), and it counts as forced in the [`DrainReport`], so the drain
+    ///   no longer waits for it;
+    /// - a server-sent event stream (`text/event-stream`) that is waiting
+    ///   for its next event ends there, cleanly, after its last whole event;
+    /// - a gRPC response stream (`application/grpc`) that is waiting for its
+    ///   next message ends there with status `UNAVAILABLE` (14), which
+    ///   clients and retry policies treat as "try again".
+    ///
+    /// Other response bodies (downloads) keep going until the drain timeout.
+    /// Handlers that watch the [`ShutdownSignal`] say goodbye long before.
+    pub fn set_close_grace(&self, grace: Duration) {
+        let nanos = u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.close_grace.store(nanos, Ordering::SeqCst);
+    }
+
+    /// The close grace: see [`set_close_grace`](Graceful::set_close_grace).
+    pub fn close_grace(&self) -> Duration {
+        Duration::from_nanos(self.shared.close_grace.load(Ordering::SeqCst))
     }
 
     /// Starts the drain without waiting for it: every [`ShutdownSignal`]
@@ -202,11 +280,22 @@ impl Graceful {
         self.start_drain();
         let started = self.drain_started_at();
         let deadline = started + timeout;
+        let close_at = (started + self.close_grace()).min(deadline);
         let shared = &*self.shared;
 
-        let finished_in_time = tokio::time::timeout_at(deadline, shared.wait_idle())
-            .await
-            .is_ok();
+        let mut idle = pin!(shared.wait_idle());
+        let mut closed = shared.close.is_cancelled();
+        let finished_in_time = loop {
+            tokio::select! {
+                biased;
+                () = &mut idle => break true,
+                () = tokio::time::sleep_until(close_at), if !closed => {
+                    closed = true;
+                    shared.close_long_lived();
+                }
+                () = tokio::time::sleep_until(deadline) => break false,
+            }
+        };
         let (requests_forced, connections_forced) = if finished_in_time {
             (0, 0)
         } else {
@@ -216,6 +305,7 @@ impl Graceful {
                 connections = left.1,
                 "drain deadline passed; forcing what is left"
             );
+            shared.close_long_lived();
             shared.force.cancel();
             left
         };
@@ -224,6 +314,8 @@ impl Graceful {
             requests_forced,
             connections_finished: shared.connections.finished_in_drain.load(Ordering::SeqCst),
             connections_forced,
+            upgraded_finished: shared.upgraded.finished_in_drain.load(Ordering::SeqCst),
+            upgraded_forced: shared.upgraded_forced.load(Ordering::SeqCst),
             elapsed: Instant::now().saturating_duration_since(started),
         };
         tracing::info!(
@@ -231,6 +323,8 @@ impl Graceful {
             requests_forced = report.requests_forced,
             connections_finished = report.connections_finished,
             connections_forced = report.connections_forced,
+            upgraded_finished = report.upgraded_finished,
+            upgraded_forced = report.upgraded_forced,
             elapsed_ms = report.elapsed.as_secs_f64() * 1e3,
             "drain finished"
         );
@@ -247,6 +341,23 @@ impl Graceful {
             shared: self.shared.clone(),
         }
         .acquire()
+    }
+
+    /// Counts one upgraded connection (a WebSocket, say) until the returned
+    /// token is dropped.
+    ///
+    /// [`serve`](crate::serve) does this for you; use it with another
+    /// server (`axum::serve`, your own accept loop) and move the token into
+    /// the task that serves the upgraded connection. In a handler,
+    /// [`ShutdownSignal::track_upgrade`] is the same, and counts nothing
+    /// extra when the serve loop tracks upgrades already.
+    pub fn upgrade_token(&self) -> UpgradeToken {
+        UpgradeToken::new(&self.shared, None)
+    }
+
+    /// Counts an upgraded connection that the close grace can force.
+    pub(crate) fn upgrade_token_forcing(&self, force: Weak<dyn Force>) -> UpgradeToken {
+        UpgradeToken::new(&self.shared, Some(force))
     }
 
     #[inline]
@@ -283,14 +394,52 @@ impl Shared {
 
     #[inline]
     fn release(&self, counter: &Counter) {
+        self.settle(counter, true);
+    }
+
+    /// Takes one off `counter`, counting it as finished when `finished` and
+    /// a drain runs.
+    #[inline]
+    fn settle(&self, counter: &Counter, finished: bool) {
         // Decrement first, then read the flag: a drain that set the flag
         // before this read also sees the decrement when it reads the counts,
         // so a release that makes them zero can never be missed.
         let previous = counter.active.fetch_sub(1, Ordering::SeqCst);
         if self.draining.load(Ordering::SeqCst) {
-            counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
+            if finished {
+                counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
+            }
             if previous == 1 {
                 self.idle.notify_waiters();
+            }
+        }
+    }
+
+    fn upgrades(&self) -> MutexGuard<'_, Upgrades> {
+        // The map stays consistent whatever panicked while holding it.
+        self.upgrades.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The close grace has passed: end long-lived responses and force every
+    /// upgraded connection still open (and every one upgraded from now on).
+    fn close_long_lived(&self) {
+        self.close.cancel();
+        let live = {
+            let mut upgrades = self.upgrades();
+            upgrades.closed = true;
+            std::mem::take(&mut upgrades.live)
+        };
+        if !live.is_empty() {
+            tracing::info!(
+                upgraded = live.len(),
+                "close grace passed; forcing upgraded connections"
+            );
+        }
+        for force in live.into_values() {
+            self.upgraded_forced.fetch_add(1, Ordering::SeqCst);
+            self.settle(&self.upgraded, false);
+            if let Some(force) = force.and_then(|weak| weak.upgrade()) {
+                force.force();
             }
         }
     }
@@ -304,6 +453,7 @@ impl Shared {
             notified.as_mut().enable();
             if self.requests.active.load(Ordering::SeqCst) == 0
                 && self.connections.active.load(Ordering::SeqCst) == 0
+                && self.upgraded.active.load(Ordering::SeqCst) == 0
             {
                 return;
             }
@@ -338,6 +488,11 @@ impl RequestGuard {
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.shared.is_draining()
+    }
+
+    /// Resolves when the close grace has passed.
+    pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
+        self.shared.close.clone().cancelled_owned()
     }
 }
 
@@ -382,6 +537,72 @@ impl fmt::Debug for ConnectionToken {
     }
 }
 
+/// Counts one upgraded connection (a WebSocket, say) on a [`Graceful`] until
+/// it is dropped.
+///
+/// Made by [`ShutdownSignal::track_upgrade`] or [`Graceful::upgrade_token`].
+/// Move it into the task that serves the upgraded connection. When the
+/// close grace passes with the token still alive, the connection counts as
+/// forced and the drain stops waiting for it.
+///
+/// [`serve`](crate::serve) tracks upgraded connections by itself, and can
+/// also force their IO; tokens are for other servers.
+pub struct UpgradeToken {
+    shared: Arc<Shared>,
+    /// `None` when this token counts nothing (tracked elsewhere, or forced
+    /// at once because the close grace had passed).
+    id: Option<u64>,
+}
+
+impl UpgradeToken {
+    fn new(shared: &Arc<Shared>, force: Option<Weak<dyn Force>>) -> Self {
+        let mut upgrades = shared.upgrades();
+        let id = upgrades.next_id;
+        upgrades.next_id += 1;
+        if upgrades.closed {
+            drop(upgrades);
+            tracing::debug!("upgraded after the close grace; forced at once");
+            shared.upgraded_forced.fetch_add(1, Ordering::SeqCst);
+            if let Some(force) = force.and_then(|weak| weak.upgrade()) {
+                force.force();
+            }
+            return Self::untracked(shared);
+        }
+        shared.upgraded.active.fetch_add(1, Ordering::SeqCst);
+        upgrades.live.insert(id, force);
+        Self {
+            shared: shared.clone(),
+            id: Some(id),
+        }
+    }
+
+    fn untracked(shared: &Arc<Shared>) -> Self {
+        Self {
+            shared: shared.clone(),
+            id: None,
+        }
+    }
+}
+
+impl Drop for UpgradeToken {
+    fn drop(&mut self) {
+        let Some(id) = self.id else { return };
+        // Absent when the close grace took it (and counted it as forced).
+        let live = self.shared.upgrades().live.remove(&id).is_some();
+        if live {
+            self.shared.release(&self.shared.upgraded);
+        }
+    }
+}
+
+impl fmt::Debug for UpgradeToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpgradeToken")
+            .field("tracked", &self.id.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Resolves when the drain starts: what a handler watches to end a
 /// long-poll, an event stream or a WebSocket on its own terms.
 ///
@@ -414,12 +635,70 @@ impl fmt::Debug for ConnectionToken {
 #[derive(Clone)]
 pub struct ShutdownSignal {
     shared: Arc<Shared>,
+    /// The serve loop tracks this connection's upgrades itself.
+    upgrades_tracked: bool,
 }
 
 impl ShutdownSignal {
     /// Whether the drain has started.
     pub fn is_draining(&self) -> bool {
         self.shared.is_draining()
+    }
+
+    /// Keeps the connection this request upgrades (a WebSocket, say) counted
+    /// until the returned token is dropped: move it into the task that
+    /// serves the upgraded connection.
+    ///
+    /// Under [`serve`](crate::serve) (and [`Handover`](crate::Handover))
+    /// upgraded connections are tracked already, from the upgrade until the
+    /// upgraded IO is dropped, and this token counts nothing extra; with
+    /// another server (`axum::serve`) it is what makes the drain wait for
+    /// the connection, up to the close grace.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+    /// use axum::{Extension, Router, response::Response, routing::get};
+    /// use handover::{Graceful, ShutdownSignal};
+    ///
+    /// async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<ShutdownSignal>) -> Response {
+    ///     let token = shutdown.track_upgrade();
+    ///     upgrade.on_upgrade(move |socket| async move {
+    ///         echo(socket, shutdown).await;
+    ///         drop(token);
+    ///     })
+    /// }
+    ///
+    /// async fn echo(mut socket: WebSocket, shutdown: ShutdownSignal) {
+    ///     loop {
+    ///         tokio::select! {
+    ///             message = socket.recv() => match message {
+    ///                 Some(Ok(Message::Text(text))) => {
+    ///                     if socket.send(Message::Text(text)).await.is_err() { return }
+    ///                 }
+    ///                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+    ///                 Some(Ok(_)) => {}
+    ///             },
+    ///             () = shutdown.draining() => break,
+    ///         }
+    ///     }
+    ///     // Going away: the client reconnects, to the next generation.
+    ///     let close = CloseFrame { code: close_code::AWAY, reason: "restarting".into() };
+    ///     let _ = socket.send(Message::Close(Some(close))).await;
+    ///     // Wait for the client's Close (the close grace bounds this).
+    ///     while let Some(Ok(_)) = socket.recv().await {}
+    /// }
+    ///
+    /// let graceful = Graceful::new();
+    /// let app: Router = Router::new().route("/ws", get(ws)).layer(graceful.layer());
+    /// ```
+    pub fn track_upgrade(&self) -> UpgradeToken {
+        if self.upgrades_tracked {
+            UpgradeToken::untracked(&self.shared)
+        } else {
+            UpgradeToken::new(&self.shared, None)
+        }
     }
 
     pub(crate) fn is_from(&self, graceful: &Graceful) -> bool {
@@ -496,6 +775,10 @@ pub struct DrainReport {
     pub connections_finished: usize,
     /// Connections still open when the deadline passed, closed by force.
     pub connections_forced: usize,
+    /// Upgraded connections (WebSocket) that closed during the drain.
+    pub upgraded_finished: usize,
+    /// Upgraded connections still open when the close grace passed, forced.
+    pub upgraded_forced: usize,
     /// Time from the start of the drain to its end.
     pub elapsed: Duration,
 }
@@ -503,7 +786,7 @@ pub struct DrainReport {
 impl DrainReport {
     /// `true` when nothing had to be forced.
     pub fn is_clean(&self) -> bool {
-        self.requests_forced == 0 && self.connections_forced == 0
+        self.requests_forced == 0 && self.connections_forced == 0 && self.upgraded_forced == 0
     }
 }
 
@@ -511,12 +794,14 @@ impl fmt::Display for DrainReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "drained in {:.1} ms: {} requests and {} connections finished, {} requests and {} connections forced",
+            "drained in {:.1} ms: {} requests, {} connections and {} upgraded finished, {} requests, {} connections and {} upgraded forced",
             self.elapsed.as_secs_f64() * 1e3,
             self.requests_finished,
             self.connections_finished,
+            self.upgraded_finished,
             self.requests_forced,
             self.connections_forced,
+            self.upgraded_forced,
         )
     }
 }

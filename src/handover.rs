@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::error::Error;
-use crate::graceful::{DrainReport, Graceful};
+use crate::graceful::{DEFAULT_CLOSE_GRACE, DrainReport, Graceful};
 use crate::layer::GracefulLayer;
 use crate::listener::Listeners;
 use crate::notify;
@@ -129,6 +129,7 @@ pub struct Builder {
     ready_timeout: Duration,
     drain_timeout: Duration,
     idle_grace: Duration,
+    close_grace: Duration,
     upgrade_signals: Vec<SignalKind>,
     shutdown_signals: Vec<SignalKind>,
     auto_ready: bool,
@@ -141,6 +142,7 @@ impl Default for Builder {
             ready_timeout: DEFAULT_READY_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             idle_grace: DEFAULT_IDLE_GRACE,
+            close_grace: DEFAULT_CLOSE_GRACE,
             upgrade_signals: vec![SignalKind::hangup(), SignalKind::user_defined2()],
             shutdown_signals: vec![
                 SignalKind::terminate(),
@@ -180,6 +182,14 @@ impl Builder {
         self
     }
 
+    /// How long upgraded connections (WebSocket) and event or gRPC streams
+    /// have to say goodbye once draining, before they are forced (2 s by
+    /// default); see [`Graceful::set_close_grace`].
+    pub fn close_grace(mut self, grace: Duration) -> Self {
+        self.close_grace = grace;
+        self
+    }
+
     /// The signals that start an upgrade (`SIGHUP` and `SIGUSR2` by
     /// default); an empty list handles none.
     pub fn upgrade_signals(mut self, signals: impl IntoIterator<Item = SignalKind>) -> Self {
@@ -210,10 +220,12 @@ impl Builder {
     pub fn from_env(self) -> Result<Handover, Error> {
         let listeners = Listeners::from_env()?;
         let upgrader = Upgrader::from_current_process(self.ready_timeout)?;
+        let graceful = Graceful::new();
+        graceful.set_close_grace(self.close_grace);
         Ok(Handover {
             inner: Arc::new(Inner {
                 listeners,
-                graceful: Graceful::new(),
+                graceful,
                 upgrader,
                 pid_file: self.pid_file,
                 drain_timeout: self.drain_timeout,

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 
-use http::header::{CONNECTION, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -235,7 +236,8 @@ where
         }
         let guard = self.graceful.request_guard(self.connection.as_ref());
         if self.signal_extension {
-            req.extensions_mut().insert(self.graceful.signal());
+            let signal = self.graceful.signal_with(self.connection.is_some());
+            req.extensions_mut().insert(signal);
         }
         let http1 = req.version() < Version::HTTP_2;
         ResponseFuture {
@@ -272,15 +274,23 @@ where
         // An error drops the guard with the future: the request is done.
         let mut response = ready!(this.inner.poll(cx))?;
         let guard = this.guard.take();
-        if *this.http1
-            && response.status() != StatusCode::SWITCHING_PROTOCOLS
-            && guard.as_ref().is_some_and(|g| g.is_draining())
-        {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-        Poll::Ready(Ok(response.map(|body| TrackedBody::new(body, guard))))
+        let long_lived = match &guard {
+            Some(guard) => {
+                if *this.http1
+                    && guard.is_draining()
+                    && response.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                LongLived::of(&response, guard)
+            }
+            None => None,
+        };
+        Poll::Ready(Ok(
+            response.map(|body| TrackedBody::new(body, guard, long_lived))
+        ))
     }
 }
 
@@ -288,6 +298,54 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
+}
+
+/// A response that may run for as long as the connection lives, and that
+/// can be ended cleanly between two of its frames when the close grace
+/// passes.
+struct LongLived {
+    kind: StreamKind,
+    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    /// `text/event-stream`: ends after its last whole event.
+    EventStream,
+    /// `application/grpc`: ends with trailers saying `UNAVAILABLE`.
+    Grpc,
+    /// Ended by the close grace.
+    Ended,
+}
+
+impl LongLived {
+    fn of<B>(response: &Response<B>, guard: &RequestGuard) -> Option<Self> {
+        let content_type = response.headers().get(CONTENT_TYPE)?.as_bytes();
+        let kind = if content_type.starts_with(b"text/event-stream") {
+            StreamKind::EventStream
+        } else if content_type == b"application/grpc"
+            || content_type.starts_with(b"application/grpc+")
+        {
+            StreamKind::Grpc
+        } else {
+            return None;
+        };
+        Some(Self {
+            kind,
+            closing: Box::pin(guard.closing()),
+        })
+    }
+}
+
+/// The trailers that end a gRPC stream at the close grace.
+fn grpc_unavailable() -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(2);
+    trailers.insert("grpc-status", HeaderValue::from_static("14"));
+    trailers.insert(
+        "grpc-message",
+        HeaderValue::from_static("server restarting; retry"),
+    );
+    trailers
 }
 
 pin_project! {
@@ -298,17 +356,34 @@ pin_project! {
     /// when `is_end_stream` turns true after a frame, or at once when the
     /// body starts ended (`HEAD`, `204`, `304`). `is_end_stream` and
     /// `size_hint` are forwarded unchanged.
+    ///
+    /// An event stream (`text/event-stream`) or a gRPC response
+    /// (`application/grpc`) that is still waiting for its next frame when
+    /// the close grace passes ends there: the event stream after its last
+    /// whole event, the gRPC stream with status `UNAVAILABLE` in its
+    /// trailers (see [`Graceful::set_close_grace`]).
     pub struct TrackedBody<B> {
         #[pin]
         inner: B,
         guard: Option<RequestGuard>,
+        long_lived: Option<LongLived>,
     }
 }
 
 impl<B: Body> TrackedBody<B> {
-    fn new(inner: B, guard: Option<RequestGuard>) -> Self {
-        let guard = if inner.is_end_stream() { None } else { guard };
-        Self { inner, guard }
+    fn new(inner: B, guard: Option<RequestGuard>, long_lived: Option<LongLived>) -> Self {
+        if inner.is_end_stream() {
+            return Self {
+                inner,
+                guard: None,
+                long_lived: None,
+            };
+        }
+        Self {
+            inner,
+            guard,
+            long_lived,
+        }
     }
 }
 
@@ -329,7 +404,27 @@ impl<B: Body> Body for TrackedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(long_lived) = this.long_lived.as_mut()
+            && long_lived.kind == StreamKind::Ended
+        {
+            return Poll::Ready(None);
+        }
+        let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) else {
+            // Waiting for the next frame: a long-lived stream ends here once
+            // the close grace has passed, on a frame boundary.
+            if let Some(long_lived) = this.long_lived.as_mut()
+                && long_lived.closing.as_mut().poll(cx).is_ready()
+            {
+                let kind = std::mem::replace(&mut long_lived.kind, StreamKind::Ended);
+                *this.guard = None;
+                tracing::debug!("long-lived response ended at the close grace");
+                return Poll::Ready(match kind {
+                    StreamKind::Grpc => Some(Ok(Frame::trailers(grpc_unavailable()))),
+                    _ => None,
+                });
+            }
+            return Poll::Pending;
+        };
         match &frame {
             Some(Ok(_)) if !this.inner.is_end_stream() => {}
             _ => *this.guard = None,
@@ -339,7 +434,10 @@ impl<B: Body> Body for TrackedBody<B> {
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.long_lived
+            .as_ref()
+            .is_some_and(|long_lived| long_lived.kind == StreamKind::Ended)
+            || self.inner.is_end_stream()
     }
 
     #[inline]

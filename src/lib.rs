@@ -89,6 +89,9 @@ pub use handover::{Builder, DEFAULT_READY_TIMEOUT, Exit, Handover, HandoverServe
 pub use listener::{BACKLOG, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, Listeners};
 pub use notify::NOTIFY_SOCKET;
 
-pub use graceful::{ConnectionToken, DrainReport, Draining, Graceful, ShutdownSignal};
+pub use graceful::{
+    ConnectionToken, DEFAULT_CLOSE_GRACE, DrainReport, Draining, Graceful, ShutdownSignal,
+    UpgradeToken,
+};
 pub use layer::{GracefulLayer, GracefulService, ResponseFuture, TrackedBody};
 pub use serve::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, Listener, Serve, serve};

@@ -6,9 +6,9 @@ use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -21,7 +21,7 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower_service::Service;
 
-use crate::graceful::{ConnectionToken, DrainReport, Graceful};
+use crate::graceful::{ConnectionToken, DrainReport, Force, Graceful, UpgradeToken};
 use crate::layer::GracefulService;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -149,6 +149,7 @@ where
         graceful: graceful.clone(),
         idle_grace: DEFAULT_IDLE_GRACE,
         drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        close_grace: None,
         tcp_nodelay: true,
     }
 }
@@ -161,6 +162,7 @@ pub struct Serve<L, S> {
     graceful: Graceful,
     idle_grace: Duration,
     drain_timeout: Duration,
+    close_grace: Option<Duration>,
     tcp_nodelay: bool,
 }
 
@@ -184,6 +186,17 @@ impl<L, S> Serve<L, S> {
         self
     }
 
+    /// How long upgraded connections (WebSocket) and event or gRPC streams
+    /// have, once the drain starts, to say goodbye before they are forced.
+    ///
+    /// Sets [`Graceful::set_close_grace`] on the handle this server drains
+    /// (whose default is [`DEFAULT_CLOSE_GRACE`](crate::DEFAULT_CLOSE_GRACE));
+    /// see there for what "forced" means for each kind.
+    pub fn close_grace(mut self, close_grace: Duration) -> Self {
+        self.close_grace = Some(close_grace);
+        self
+    }
+
     /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
     ///
     /// On keeps tail latency low for request/response traffic; off (Nagle)
@@ -201,6 +214,7 @@ impl<L: Listener, S> fmt::Debug for Serve<L, S> {
             .field("local_addr", &self.listener.local_addr().ok())
             .field("idle_grace", &self.idle_grace)
             .field("drain_timeout", &self.drain_timeout)
+            .field("close_grace", &self.close_grace)
             .field("tcp_nodelay", &self.tcp_nodelay)
             .finish_non_exhaustive()
     }
@@ -227,8 +241,12 @@ where
                 graceful,
                 idle_grace,
                 drain_timeout,
+                close_grace,
                 tcp_nodelay,
             } = self;
+            if let Some(close_grace) = close_grace {
+                graceful.set_close_grace(close_grace);
+            }
             let service = GracefulService::new(service, graceful.clone());
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new());
@@ -299,7 +317,7 @@ async fn serve_connection<I, S, B>(
     service: GracefulService<S>,
     builder: Arc<Builder<TokioExecutor>>,
     graceful: Graceful,
-    _token: ConnectionToken,
+    token: ConnectionToken,
     idle_grace: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -310,11 +328,34 @@ async fn serve_connection<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let protocol = Arc::new(AtomicU8::new(PROTOCOL_UNKNOWN));
+    let state = Arc::new(ConnState::default());
     let busy = Arc::new(AtomicUsize::new(0));
-    let io = TokioIo::new(SniffIo::new(io, protocol.clone()));
+    let io = TokioIo::new(ConnIo::new(io, state.clone()));
     let service = TowerToHyperService::new(service.for_connection(busy.clone()));
     let conn = builder.serve_connection_with_upgrades(io, service);
+    drive(conn, &state, &busy, &graceful, idle_grace).await;
+    // The connection (and with it the IO, unless upgraded) is gone now.
+    if Arc::strong_count(&state) > 1 {
+        // Upgraded: hyper handed the IO to the handler (a WebSocket task).
+        // It stays counted, and forced at the close grace, until that IO is
+        // dropped (which drops the last `state`, and the token with it).
+        let force: Weak<dyn Force> = Arc::downgrade(&state) as Weak<dyn Force>;
+        let _ = state.upgrade.set(graceful.upgrade_token_forcing(force));
+    }
+    // Counted as an upgraded connection from now on, if it is one.
+    drop(token);
+}
+
+/// Runs one connection through the drain: see [`serve`].
+async fn drive<C>(
+    conn: C,
+    state: &ConnState,
+    busy: &AtomicUsize,
+    graceful: &Graceful,
+    idle_grace: Duration,
+) where
+    C: Future<Output = Result<(), BoxError>> + GracefulShutdown,
+{
     let mut conn = pin!(conn);
     let mut drain = pin!(graceful.signal().draining());
     let mut forced = pin!(graceful.forced());
@@ -323,7 +364,7 @@ async fn serve_connection<I, S, B>(
         result = conn.as_mut() => return log_end(result),
         () = &mut drain => {}
     }
-    if protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.load(Ordering::SeqCst) == 0 {
+    if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.load(Ordering::SeqCst) == 0 {
         // An idle HTTP/1 connection (or one that has sent nothing yet): its
         // client may have a request on the wire that closing now would
         // reset. Give it the grace; a request that arrives in it is served
@@ -342,6 +383,27 @@ async fn serve_connection<I, S, B>(
     tokio::select! {
         result = conn.as_mut() => log_end(result),
         _ = &mut forced => tracing::debug!("connection forced closed"),
+    }
+}
+
+/// hyper-util's connection futures, whose `graceful_shutdown` takes a pin.
+trait GracefulShutdown {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdown
+    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<BoxError>,
+    S::ResBody: Body + Send + 'static,
+    <S::ResBody as Body>::Data: Send,
+    <S::ResBody as Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(self)
     }
 }
 
@@ -366,24 +428,104 @@ const PROTOCOL_H2: u8 = 2;
 /// prior knowledge sends first.
 const H2_PREFACE_START: &[u8; 4] = b"PRI ";
 
+/// What the serve loop and one connection's IO share.
+struct ConnState {
+    /// `PROTOCOL_*`, from the first bytes read.
+    protocol: AtomicU8,
+    /// The close grace forced this (upgraded) connection: IO fails.
+    forced: AtomicBool,
+    /// Who to wake when forced: the tasks blocked reading and writing
+    /// (the two halves of a split WebSocket may be in different tasks).
+    read_waker: Mutex<Option<Waker>>,
+    write_waker: Mutex<Option<Waker>>,
+    /// Counts the connection once upgraded; dropped with the last owner
+    /// of this state, that is with the upgraded IO.
+    upgrade: OnceLock<UpgradeToken>,
+}
+
+impl Default for ConnState {
+    fn default() -> Self {
+        Self {
+            protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
+            forced: AtomicBool::new(false),
+            read_waker: Mutex::new(None),
+            write_waker: Mutex::new(None),
+            upgrade: OnceLock::new(),
+        }
+    }
+}
+
+impl ConnState {
+    fn is_forced(&self) -> bool {
+        self.forced.load(Ordering::SeqCst)
+    }
+
+    /// Wakes `slot`'s owner on `force`; then says whether forced already,
+    /// so a force between the caller's check and this call is not missed.
+    fn park(&self, slot: &Mutex<Option<Waker>>, waker: &Waker) -> bool {
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+        drop(slot);
+        self.is_forced()
+    }
+}
+
+impl Force for ConnState {
+    fn force(&self) {
+        self.forced.store(true, Ordering::SeqCst);
+        for slot in [&self.read_waker, &self.write_waker] {
+            let waker = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+fn forced_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "upgraded connection forced closed: the drain's close grace passed",
+    )
+}
+
+/// Polls `$poll`; once forced, or when forced while it waits, fails with
+/// [`forced_error`] instead.
+macro_rules! unless_forced {
+    ($state:expr, $slot:ident, $cx:expr, $poll:expr) => {{
+        if $state.is_forced() {
+            return Poll::Ready(Err(forced_error()));
+        }
+        match $poll {
+            Poll::Pending if $state.park(&$state.$slot, $cx.waker()) => {
+                Poll::Ready(Err(forced_error()))
+            }
+            other => other,
+        }
+    }};
+}
+
 pin_project! {
-    /// Passes IO through, noting from the first bytes read whether the peer
-    /// speaks HTTP/2 (hyper-util's auto builder does not tell).
-    struct SniffIo<I> {
+    /// One connection's IO: notes from the first bytes read whether the
+    /// peer speaks HTTP/2 (hyper-util's auto builder does not tell), and
+    /// fails once the close grace forces it (after an upgrade).
+    struct ConnIo<I> {
         #[pin]
         inner: I,
-        protocol: Arc<AtomicU8>,
+        state: Arc<ConnState>,
         seen: [u8; 4],
         seen_len: u8,
         decided: bool,
     }
 }
 
-impl<I> SniffIo<I> {
-    fn new(inner: I, protocol: Arc<AtomicU8>) -> Self {
+impl<I> ConnIo<I> {
+    fn new(inner: I, state: Arc<ConnState>) -> Self {
         Self {
             inner,
-            protocol,
+            state,
             seen: [0; 4],
             seen_len: 0,
             decided: false,
@@ -391,15 +533,16 @@ impl<I> SniffIo<I> {
     }
 }
 
-impl<I: AsyncRead> AsyncRead for SniffIo<I> {
+impl<I: AsyncRead> AsyncRead for ConnIo<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        let state = &**this.state;
         if *this.decided {
-            return this.inner.poll_read(cx, buf);
+            return unless_forced!(state, read_waker, cx, this.inner.poll_read(cx, buf));
         }
         let before = buf.filled().len();
         let result = this.inner.poll_read(cx, buf);
@@ -416,27 +559,35 @@ impl<I: AsyncRead> AsyncRead for SniffIo<I> {
             } else {
                 PROTOCOL_H1
             };
-            this.protocol.store(protocol, Ordering::Relaxed);
+            state.protocol.store(protocol, Ordering::Relaxed);
         }
         result
     }
 }
 
-impl<I: AsyncWrite> AsyncWrite for SniffIo<I> {
+impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let state = &**this.state;
+        unless_forced!(state, write_waker, cx, this.inner.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let state = &**this.state;
+        unless_forced!(state, write_waker, cx, this.inner.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.state.is_forced() {
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -444,7 +595,14 @@ impl<I: AsyncWrite> AsyncWrite for SniffIo<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let state = &**this.state;
+        unless_forced!(
+            state,
+            write_waker,
+            cx,
+            this.inner.poll_write_vectored(cx, bufs)
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -459,15 +617,15 @@ mod tests {
 
     async fn sniff(chunks: &[&[u8]]) -> u8 {
         let (mut client, server) = tokio::io::duplex(64);
-        let protocol = Arc::new(AtomicU8::new(PROTOCOL_UNKNOWN));
-        let mut io = SniffIo::new(server, protocol.clone());
+        let state = Arc::new(ConnState::default());
+        let mut io = ConnIo::new(server, state.clone());
         let mut buf = [0u8; 64];
         for chunk in chunks {
             client.write_all(chunk).await.unwrap();
             let n = io.read(&mut buf).await.unwrap();
             assert_eq!(&buf[..n], *chunk, "bytes pass through unchanged");
         }
-        protocol.load(Ordering::Relaxed)
+        state.protocol.load(Ordering::Relaxed)
     }
 
     #[tokio::test]

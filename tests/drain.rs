@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use handover::{Graceful, ShutdownSignal, TrackedBody};
-use http::header::CONNECTION;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,6 +30,19 @@ fn streaming(
     + Clone,
     mpsc::UnboundedReceiver<mpsc::Sender<Chunk>>,
 ) {
+    streaming_as(graceful, None)
+}
+
+/// Like [`streaming`], with responses of this `content-type`.
+#[allow(clippy::type_complexity)]
+fn streaming_as(
+    graceful: &Graceful,
+    content_type: Option<&'static str>,
+) -> (
+    impl Service<Request<()>, Response = Response<TrackedBody<StreamingBody>>, Error = Infallible>
+    + Clone,
+    mpsc::UnboundedReceiver<mpsc::Sender<Chunk>>,
+) {
     let (senders_tx, senders_rx) = mpsc::unbounded_channel();
     let svc = tower::ServiceBuilder::new()
         .layer(graceful.layer())
@@ -38,7 +51,13 @@ fn streaming(
             async move {
                 let (tx, rx) = mpsc::channel(8);
                 senders_tx.send(tx).unwrap();
-                Ok::<_, Infallible>(Response::new(StreamBody::new(ReceiverStream::new(rx))))
+                let mut response = Response::new(StreamBody::new(ReceiverStream::new(rx)));
+                if let Some(content_type) = content_type {
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+                }
+                Ok::<_, Infallible>(response)
             }
         }));
     (svc, senders_rx)
@@ -307,4 +326,156 @@ async fn drain_twice_reports_against_the_same_start() {
     let report = graceful.drain(Duration::from_secs(10)).await;
     assert_eq!(report.elapsed, Duration::from_secs(10));
     assert_eq!(report.requests_forced, 1);
+}
+
+/// Starts a drain of `graceful` with a 10 s timeout in a task of its own.
+fn spawn_drain(graceful: &Graceful) -> tokio::task::JoinHandle<handover::DrainReport> {
+    let graceful = graceful.clone();
+    tokio::spawn(async move { graceful.drain(Duration::from_secs(10)).await })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_stream_waiting_at_the_close_grace_ends_after_its_last_whole_event() {
+    let graceful = Graceful::new();
+    graceful.set_close_grace(Duration::from_secs(1));
+    let (svc, mut senders) = streaming_as(&graceful, Some("text/event-stream"));
+    let mut response = svc.oneshot(Request::new(())).await.unwrap();
+    let tx = senders.recv().await.unwrap();
+    let start = tokio::time::Instant::now();
+    let drain = spawn_drain(&graceful);
+
+    // An event that is ready when the close grace passes is still delivered.
+    tx.send(data("id: 1\ndata: one\n\n")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let frame = response.body_mut().frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "id: 1\ndata: one\n\n");
+    // Then, with nothing more ready, the stream ends: no error, no half event.
+    assert!(response.body_mut().frame().await.is_none());
+    assert!(response.body().is_end_stream());
+    assert_eq!(graceful.in_flight(), 0);
+
+    let report = drain.await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.requests_finished, 1);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(report.elapsed, Duration::from_secs(2));
+    drop(tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_event_stream_ends_the_moment_the_close_grace_passes() {
+    let graceful = Graceful::new();
+    graceful.set_close_grace(Duration::from_millis(1500));
+    let (svc, mut senders) = streaming_as(&graceful, Some("text/event-stream"));
+    let mut response = svc.oneshot(Request::new(())).await.unwrap();
+    let _tx = senders.recv().await.unwrap();
+    let drain = spawn_drain(&graceful);
+    let start = tokio::time::Instant::now();
+    assert!(response.body_mut().frame().await.is_none());
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
+    assert_eq!(drain.await.unwrap().elapsed, Duration::from_millis(1500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_stream_waiting_at_the_close_grace_ends_with_unavailable() {
+    let graceful = Graceful::new();
+    graceful.set_close_grace(Duration::from_secs(1));
+    let (svc, mut senders) = streaming_as(&graceful, Some("application/grpc+proto"));
+    let mut response = svc.oneshot(Request::new(())).await.unwrap();
+    let tx = senders.recv().await.unwrap();
+    tx.send(data("message")).await.unwrap();
+    let drain = spawn_drain(&graceful);
+
+    let frame = response.body_mut().frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "message");
+    let frame = response.body_mut().frame().await.unwrap().unwrap();
+    let trailers = frame.into_trailers().unwrap();
+    assert_eq!(trailers["grpc-status"], "14", "UNAVAILABLE: retry");
+    assert!(response.body_mut().frame().await.is_none());
+    let report = drain.await.unwrap();
+    assert_eq!(report.elapsed, Duration::from_secs(1));
+    assert!(report.is_clean());
+    drop(tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_bodies_are_not_cut_at_the_close_grace() {
+    let graceful = Graceful::new();
+    graceful.set_close_grace(Duration::from_secs(1));
+    // A download, and gRPC-Web (whose trailers live in the body).
+    for content_type in [
+        None,
+        Some("application/octet-stream"),
+        Some("application/grpc-web"),
+    ] {
+        let (svc, mut senders) = streaming_as(&graceful, content_type);
+        let mut response = svc.oneshot(Request::new(())).await.unwrap();
+        let tx = senders.recv().await.unwrap();
+        let drain = spawn_drain(&graceful);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tx.send(data("still going")).await.unwrap();
+        drop(tx);
+        let frame = response.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(
+            frame.into_data().unwrap(),
+            "still going",
+            "{content_type:?}"
+        );
+        assert!(response.body_mut().frame().await.is_none());
+        assert_eq!(drain.await.unwrap().requests_forced, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upgraded_connection_counts_until_its_token_drops() {
+    let graceful = Graceful::new();
+    let token = graceful.signal().track_upgrade();
+    assert_eq!(graceful.upgraded(), 1);
+    let drain = spawn_drain(&graceful);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !drain.is_finished(),
+        "the drain waits for the upgraded connection"
+    );
+    drop(token);
+    let report = drain.await.unwrap();
+    assert_eq!(report.elapsed, Duration::from_millis(700));
+    assert_eq!((report.upgraded_finished, report.upgraded_forced), (1, 0));
+    assert!(report.is_clean());
+}
+
+#[tokio::test(start_paused = true)]
+async fn upgraded_connections_open_at_the_close_grace_are_forced_and_not_waited_for() {
+    let graceful = Graceful::new();
+    graceful.set_close_grace(Duration::from_secs(2));
+    let held: Vec<_> = (0..3).map(|_| graceful.upgrade_token()).collect();
+    let ending = graceful.upgrade_token();
+    let drain = spawn_drain(&graceful);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(ending);
+    let report = drain.await.unwrap();
+    assert_eq!(report.elapsed, Duration::from_secs(2), "at the close grace");
+    assert_eq!((report.upgraded_finished, report.upgraded_forced), (1, 3));
+    assert!(!report.is_clean());
+    assert_eq!(graceful.upgraded(), 0);
+
+    // Dropping the forced tokens later changes nothing; an upgrade that
+    // comes after the close grace is forced at once.
+    drop(held);
+    let late = graceful.upgrade_token();
+    assert_eq!(graceful.upgraded(), 0);
+    let again = graceful.drain(Duration::from_secs(10)).await;
+    assert_eq!((again.upgraded_finished, again.upgraded_forced), (1, 4));
+    drop(late);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_close_grace_is_capped_by_the_drain_timeout() {
+    let graceful = Graceful::new();
+    graceful.set_close_grace(Duration::from_secs(60));
+    let token = graceful.upgrade_token();
+    let report = graceful.drain(Duration::from_secs(5)).await;
+    assert_eq!(report.elapsed, Duration::from_secs(5));
+    assert_eq!(report.upgraded_forced, 1);
+    drop(token);
 }

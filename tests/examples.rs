@@ -7,35 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http::header::HOST;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use support::{Deploy, Load, Server};
+use http_body_util::BodyExt;
+use support::{Deploy, Load, Server, open_events};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(120);
-
-/// Opens `GET /events` and returns the body to read frames from.
-async fn open_events(addr: std::net::SocketAddr) -> hyper::body::Incoming {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let response = sender
-        .send_request(
-            Request::get("/events")
-                .header(HOST, "127.0.0.1")
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.headers()["content-type"], "text/event-stream");
-    response.into_body()
-}
 
 /// Reads SSE text until `until` appears; returns everything read.
 async fn read_until(body: &mut hyper::body::Incoming, until: &str) -> String {
@@ -58,7 +34,7 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
 
         for _ in 0..3 {
             let old = server.current_pid();
-            let mut events = open_events(server.addr).await;
+            let mut events = open_events(server.addr, None).await;
             let first = read_until(&mut events, "\n\n").await;
             assert!(
                 first.contains(&format!("event: tick\ndata: 0 from {old}")),
@@ -83,7 +59,7 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
             );
 
             // A client that reconnects reaches the new generation.
-            let mut events = open_events(server.addr).await;
+            let mut events = open_events(server.addr, None).await;
             let again = read_until(&mut events, "\n\n").await;
             assert!(again.contains(&format!("data: 0 from {new}")), "{again}");
             load.wait_pid(new).await;

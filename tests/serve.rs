@@ -18,6 +18,7 @@ use http::header::{CONNECTION, HOST};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::future::IntoFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -480,4 +481,140 @@ async fn malformed_http_during_a_drain_never_holds_the_process() {
     })
     .await
     .unwrap();
+}
+
+mod upgraded {
+    //! WebSocket connections, upgraded through axum, under the serve loop
+    //! and under `axum::serve` with an `UpgradeToken`.
+    use super::*;
+    use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+    use axum::response::Response;
+    use axum::{Extension, Router};
+    use futures_util::{SinkExt, StreamExt};
+    use handover::ShutdownSignal;
+    use tokio::sync::mpsc;
+    use tokio_tungstenite::tungstenite::Message as ClientMessage;
+
+    /// A naive echo that never looks at the drain signal; reports how its
+    /// socket ended.
+    fn naive_echo(ended: mpsc::UnboundedSender<String>) -> Router {
+        async fn ws(
+            upgrade: WebSocketUpgrade,
+            Extension(shutdown): Extension<ShutdownSignal>,
+            Extension(ended): Extension<mpsc::UnboundedSender<String>>,
+        ) -> Response {
+            // Under `serve` this counts nothing extra.
+            let token = shutdown.track_upgrade();
+            upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+                let end = loop {
+                    match socket.recv().await {
+                        Some(Ok(Message::Text(t))) => {
+                            if let Err(e) = socket.send(Message::Text(t)).await {
+                                break format!("send error: {e}");
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break format!("recv error: {e}"),
+                        None => break "closed".to_owned(),
+                    }
+                };
+                drop(token);
+                ended.send(end).unwrap();
+            })
+        }
+        Router::new().route("/ws", get(ws)).layer(Extension(ended))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upgraded_connection_is_counted_until_dropped_and_its_io_forced_at_the_close_grace()
+    {
+        timeout(BOUND, async {
+            const CLOSE_GRACE: Duration = Duration::from_millis(300);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let (ended_tx, mut ended) = mpsc::unbounded_channel();
+            let serve = handover::serve(listener, naive_echo(ended_tx), &graceful)
+                .close_grace(CLOSE_GRACE)
+                .drain_timeout(Duration::from_secs(30));
+            let server = tokio::spawn(serve.into_future());
+
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+                .await
+                .unwrap();
+            ws.send(ClientMessage::text("hi")).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "hi");
+            assert_eq!(graceful.upgraded(), 1, "counted once, as upgraded");
+            assert_eq!(graceful.connections(), 0);
+            assert_eq!(graceful.in_flight(), 0);
+
+            // The client goes quiet; the handler ignores the drain.
+            let started = Instant::now();
+            graceful.start_drain();
+            let end = ended.recv().await.unwrap();
+            let took = started.elapsed();
+            assert!(
+                end.starts_with("recv error"),
+                "the blocked read fails: {end}"
+            );
+            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
+            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            let report = server.await.unwrap().unwrap();
+            assert_eq!(
+                (report.upgraded_finished, report.upgraded_forced),
+                (0, 1),
+                "{report}"
+            );
+            // The client's socket is closed, without a Close handshake.
+            assert!(!matches!(ws.next().await, Some(Ok(ClientMessage::Text(_)))));
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_axum_serve_an_upgrade_token_holds_the_drain_until_the_socket_closes() {
+        timeout(BOUND, async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let (ended_tx, mut ended) = mpsc::unbounded_channel();
+            let app = naive_echo(ended_tx).layer(graceful.layer());
+            let server = tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(graceful.signal().into_future())
+                    .into_future(),
+            );
+
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+                .await
+                .unwrap();
+            ws.send(ClientMessage::text("hi")).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "hi");
+            assert_eq!(graceful.upgraded(), 1);
+
+            let drain = tokio::spawn({
+                let graceful = graceful.clone();
+                async move { graceful.drain(Duration::from_secs(30)).await }
+            });
+            // The socket still works during the drain; the drain waits.
+            ws.send(ClientMessage::text("still")).await.unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap().to_text().unwrap(),
+                "still"
+            );
+            assert!(!drain.is_finished());
+            ws.close(None).await.unwrap();
+            assert_eq!(ended.recv().await.unwrap(), "closed");
+            let report = drain.await.unwrap();
+            assert_eq!(
+                (report.upgraded_finished, report.upgraded_forced),
+                (1, 0),
+                "{report}"
+            );
+            server.await.unwrap().unwrap();
+        })
+        .await
+        .unwrap();
+    }
 }

@@ -497,3 +497,24 @@ impl Load {
         (self.ok.load(Ordering::Relaxed), failed, pids)
     }
 }
+
+/// Opens `GET /events` over HTTP/1.1, sending `Last-Event-ID` when given;
+/// returns the event stream's body.
+pub async fn open_events(addr: SocketAddr, last_event_id: Option<u64>) -> hyper::body::Incoming {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::get("/events").header(http::header::HOST, "127.0.0.1");
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id.to_string());
+    }
+    let response = sender
+        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    response.into_body()
+}
