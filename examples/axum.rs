@@ -9,10 +9,14 @@
 //! - `POST /echo` sends the request body back;
 //! - `GET /ready` is a readiness probe: 200 while serving, 503 once this
 //!   generation drains (for Kubernetes-style rolling updates);
-//! - `GET /events` is a server-sent event stream (one `tick` a second) that
+//! - `GET /events` is a server-sent event stream (one `tick` a second, its
+//!   `id:` continuing after the `Last-Event-ID` the client sends) that
 //!   watches the [`ShutdownSignal`]: when this generation starts draining,
 //!   it sends a last `bye` event, with `retry:` set so the browser's
-//!   `EventSource` reconnects at once, to the next generation, and ends.
+//!   `EventSource` reconnects at once, to the next generation, and ends;
+//! - `GET /ws` is a WebSocket echo, split into a reader and a writer half;
+//!   when this generation drains, the writer sends Close 1001 (going away)
+//!   and the client reconnects to the next generation.
 //!
 //! `kill -HUP <pid>` restarts it; `kill -TERM <pid>` drains and exits.
 
@@ -25,11 +29,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::{SinkExt, Stream, StreamExt, stream};
 use handover::{Exit, Handover, ShutdownSignal};
 use tokio_stream::wrappers::IntervalStream;
 
@@ -65,15 +71,23 @@ async fn ready(Extension(shutdown): Extension<ShutdownSignal>) -> StatusCode {
 /// body finishes cleanly, and the drain does not wait for a stream that
 /// would otherwise run forever.
 async fn events(
+    headers: HeaderMap,
     Extension(shutdown): Extension<ShutdownSignal>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let pid = std::process::id();
+    // A client that reconnects says where it was: carry on from there.
+    let first = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
     let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(1)))
         .enumerate()
         .map(move |(i, _)| {
+            let id = first + i as u64;
             Ok(Event::default()
                 .event("tick")
-                .data(format!("{i} from {pid}")))
+                .id(id.to_string())
+                .data(format!("{id} from {pid}")))
         })
         .take_until(shutdown.draining());
     let bye = stream::once(async move {
@@ -85,12 +99,61 @@ async fn events(
     Sse::new(ticks.chain(bye)).keep_alive(KeepAlive::default())
 }
 
+/// A WebSocket echo whose halves run apart, as chat-like apps do. The
+/// upgraded connection stays counted until both halves are gone
+/// (`track_upgrade` makes that true under any server, not only
+/// `handover`'s, which tracks it by itself).
+async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<ShutdownSignal>) -> Response {
+    let token = shutdown.track_upgrade();
+    upgrade.on_upgrade(move |socket| async move {
+        echo_split(socket, shutdown).await;
+        drop(token);
+    })
+}
+
+async fn echo_split(socket: WebSocket, shutdown: ShutdownSignal) {
+    let (mut sink, mut stream) = socket.split();
+    let (texts, mut to_send) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(message)) = stream.next().await {
+            let text = match message {
+                Message::Text(text) => text,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if texts.send(text).await.is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            biased;
+            text = to_send.recv() => {
+                let Some(text) = text else { return };
+                if sink.send(Message::Text(text)).await.is_err() {
+                    return;
+                }
+            }
+            () = shutdown.draining() => break,
+        }
+    }
+    let close = CloseFrame {
+        code: close_code::AWAY,
+        reason: "restarting".into(),
+    };
+    let _ = sink.send(Message::Close(Some(close))).await;
+    // The reader ends at the client's Close (the close grace bounds it).
+    let _ = reader.await;
+}
+
 fn app(handover: &Handover) -> Router {
     Router::new()
         .route("/", get(hello))
         .route("/visits", get(visits))
         .route("/echo", post(echo))
         .route("/events", get(events))
+        .route("/ws", get(ws))
         .route("/ready", get(ready))
         .with_state(Arc::new(AppState::default()))
         .layer(handover.layer())

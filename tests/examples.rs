@@ -7,9 +7,12 @@ mod support;
 
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use support::{Deploy, Load, Server, open_events};
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const BOUND: Duration = Duration::from_secs(120);
 
@@ -37,11 +40,27 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
             let mut events = open_events(server.addr, None).await;
             let first = read_until(&mut events, "\n\n").await;
             assert!(
-                first.contains(&format!("event: tick\ndata: 0 from {old}")),
+                first.contains(&format!("event: tick\nid: 0\ndata: 0 from {old}")),
                 "{first}"
             );
 
+            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+                .await
+                .unwrap();
+            ws.send(Message::text("before")).await.unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap().to_text().unwrap(),
+                "before"
+            );
+
             let new = server.restart().await;
+            // The WebSocket is told the server is going away.
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    assert_eq!(frame.code, CloseCode::Away, "{frame:?}")
+                }
+                other => panic!("expected Close 1001, got {other:?}"),
+            }
             // The stream says goodbye, with a retry hint, and ends cleanly:
             // the chunked body completes, no error.
             let mut rest = String::new();
@@ -58,10 +77,14 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
                 "the last event says goodbye, whole: {rest:?}"
             );
 
-            // A client that reconnects reaches the new generation.
-            let mut events = open_events(server.addr, None).await;
+            // A client that reconnects reaches the new generation, and
+            // carries on after the last id it saw.
+            let mut events = open_events(server.addr, Some(0)).await;
             let again = read_until(&mut events, "\n\n").await;
-            assert!(again.contains(&format!("data: 0 from {new}")), "{again}");
+            assert!(
+                again.contains(&format!("id: 1\ndata: 1 from {new}")),
+                "{again}"
+            );
             load.wait_pid(new).await;
         }
         let (ok, failed, _) = load.stop().await;
