@@ -20,8 +20,6 @@
 //! apart: `refused+retried`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,8 +29,10 @@ use http::Request;
 use http::header::HOST;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
+
+mod bench_support;
+use bench_support::{Hello, hello_binary, kill, wait_exit};
 
 #[derive(Clone)]
 struct Options {
@@ -287,73 +287,15 @@ fn summary(name: &str, record: &mut Record, elapsed: Duration) -> f64 {
     rps
 }
 
-fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s.rsplit(')').next().unwrap_or("").trim_start();
-            !(state.starts_with('Z') || state.starts_with('X'))
-        })
-        .unwrap_or(false)
-}
-
-fn hello_binary() -> Result<PathBuf, String> {
-    // Under `cargo run`, build hello first so the figures are for this code.
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--release", "--example", "hello"])
-            .status()
-            .map_err(|e| format!("cargo build: {e}"))?;
-        if !status.success() {
-            return Err("building examples/hello failed".into());
-        }
-    }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let hello = exe.with_file_name("hello");
-    if hello.exists() {
-        Ok(hello)
-    } else {
-        Err(format!(
-            "{} is missing: build it with cargo build --release --example hello",
-            hello.display()
-        ))
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
     let hello = hello_binary()?;
     let dir = std::env::temp_dir().join(format!("handover-restart-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let pid_file = dir.join("hello.pid");
-    let mut first = tokio::process::Command::new(&hello)
-        .args(["--addr", "127.0.0.1:0", "--pid-file"])
-        .arg(&pid_file)
-        .env("RUST_LOG", "warn,hello=info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(first.stdout.take().expect("stdout")).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or("hello exited before listening")?;
-        if let Some(addr) = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("addr="))
-            .and_then(|a| a.parse().ok())
-        {
-            break addr;
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let read_pid =
-        || -> Option<u32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
-    while read_pid().is_none() {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let server = Hello::start(&hello, &dir, &[]).await?;
+    let addr = server.addr;
+    let read_pid = || server.pid();
     let phase = Duration::from_secs_f64(o.seconds);
     println!(
         "hello at {addr}; {} HTTP/1.1 connections + {} HTTP/2 connections x {} streams; {:.0} s per phase",
@@ -385,22 +327,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         next += o.every;
         let Some(old) = read_pid() else { continue };
         let sent = Instant::now();
-        let status = std::process::Command::new("kill")
-            .arg("-HUP")
-            .arg(old.to_string())
-            .status()?;
-        if !status.success() {
+        if !kill(old, "HUP")? {
             continue;
         }
         signals.push((old, sent));
         // Watch the old generation's exit at 0.2 ms resolution.
         let exits = exits.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while is_alive(old) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-            exits.lock().expect("exits").insert(old, Instant::now());
+            let exit = wait_exit(old, Duration::from_secs(60)).await;
+            exits.lock().expect("exits").insert(old, exit);
         });
         // The next signal goes to the new generation: wait until it exists.
         let wait_from = Instant::now();
@@ -461,18 +396,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         restart_rps / steady_rps
     );
 
-    // End the last generation by its pid.
-    if let Some(pid) = read_pid() {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while is_alive(pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    let _ = first.wait().await;
+    server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     if !steady.failed.is_empty() || !restarts.failed.is_empty() {
         return Err("some requests failed".into());

@@ -23,9 +23,11 @@ use crate::graceful::{Graceful, RequestGuard, ShutdownSignal};
 /// A request counts from the moment it reaches the service's `call` until
 /// the response body yields its last frame or an error, or until the
 /// response future or the body is dropped (a client that went away).
-/// Streaming bodies, server-sent events and long downloads therefore keep a
-/// drain waiting until they are done, and a handler that fails releases its
-/// count at once. Errors from the inner service pass through unchanged.
+/// Streaming bodies and long downloads therefore keep a drain waiting until
+/// they are done, and a handler that fails releases its count at once.
+/// Errors from the inner service pass through unchanged. Event streams and
+/// gRPC streams, which may never end by themselves, are ended on a frame
+/// boundary at the close grace (see [`TrackedBody`]).
 ///
 /// Once the drain has started, HTTP/1.x responses carry `Connection: close`
 /// (except `101 Switching Protocols`), so a keep-alive client leaves after

@@ -66,6 +66,10 @@
 //!   response and leaves; one that stays idle is closed after the idle
 //!   grace.
 //! - An HTTP/2 client gets GOAWAY at once; its open streams finish.
+//! - WebSocket, event-stream and gRPC-stream handlers learn of the drain
+//!   through [`ShutdownSignal`] and say goodbye; after the close grace
+//!   ([`Graceful::set_close_grace`]) upgraded connections are forced, and
+//!   event and gRPC streams waiting for their next frame end there.
 //! - After the drain timeout, whatever is left is closed and counted as
 //!   forced.
 //!

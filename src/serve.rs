@@ -638,6 +638,16 @@ mod tests {
         assert_eq!(sniff(&[b"P", b"R"]).await, PROTOCOL_UNKNOWN);
     }
 
+    #[test]
+    fn tracking_an_upgraded_connection_costs_under_200_bytes() {
+        // Per connection: the shared state (with the upgrade's token) in an
+        // `Arc`, and one entry in the close grace's map of live upgrades.
+        let state = std::mem::size_of::<ConnState>() + 2 * std::mem::size_of::<usize>();
+        let entry = std::mem::size_of::<(u64, Option<Weak<dyn Force>>)>() + 1;
+        println!("tracking state {state} bytes + map entry {entry} bytes");
+        assert!(state + entry < 200, "{state} + {entry}");
+    }
+
     #[tokio::test]
     async fn sniffs_http1_methods() {
         assert_eq!(sniff(&[b"GET / HTTP/1.1\r\n"]).await, PROTOCOL_H1);

@@ -1,0 +1,155 @@
+//! What the benchmark examples share: starting `examples/hello` as a real
+//! process, and watching processes by pid.
+
+#![allow(dead_code, unreachable_pub)]
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Whether `pid` runs (a zombie does not).
+pub fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !(state.starts_with('Z') || state.starts_with('X'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits, polling every 0.2 ms, until `pid` has exited or `limit` passed;
+/// returns when it was seen gone.
+pub async fn wait_exit(pid: u32, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    while is_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Instant::now()
+}
+
+/// Resident memory of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Sends `signal` (`HUP`, `TERM`) to `pid`.
+pub fn kill(pid: u32, signal: &str) -> std::io::Result<bool> {
+    Ok(std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?
+        .success())
+}
+
+/// `examples/hello` in release mode, built first under `cargo run`.
+pub fn hello_binary() -> Result<PathBuf, String> {
+    // Under `cargo run`, build hello first so the figures are for this code.
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--release", "--example", "hello"])
+            .status()
+            .map_err(|e| format!("cargo build: {e}"))?;
+        if !status.success() {
+            return Err("building examples/hello failed".into());
+        }
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let hello = exe.with_file_name("hello");
+    if hello.exists() {
+        Ok(hello)
+    } else {
+        Err(format!(
+            "{} is missing: build it with cargo build --release --example hello",
+            hello.display()
+        ))
+    }
+}
+
+/// A running `hello` (its first generation) and what it logs.
+pub struct Hello {
+    pub addr: SocketAddr,
+    pub pid_file: PathBuf,
+    pub first: tokio::process::Child,
+    /// Lines hello logged after `listening`.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hello {
+    /// Starts `hello` on a free port with `args`, a pid file in `dir`, and
+    /// `RUST_LOG=warn,hello=info,handover=info`; returns once it is ready.
+    pub async fn start(
+        hello: &Path,
+        dir: &Path,
+        args: &[&str],
+    ) -> Result<Hello, Box<dyn std::error::Error>> {
+        let pid_file = dir.join("hello.pid");
+        let mut first = tokio::process::Command::new(hello)
+            .args(["--addr", "127.0.0.1:0", "--pid-file"])
+            .arg(&pid_file)
+            .args(args)
+            .env("RUST_LOG", "warn,hello=info,handover=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(first.stdout.take().ok_or("stdout")?).lines();
+        let addr: SocketAddr = loop {
+            let line = lines
+                .next_line()
+                .await?
+                .ok_or("hello exited before listening")?;
+            if let Some(addr) = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("addr="))
+                .and_then(|a| a.parse().ok())
+            {
+                break addr;
+            }
+        };
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().expect("logs").push(line);
+            }
+        });
+        let hello = Hello {
+            addr,
+            pid_file,
+            first,
+            logs,
+        };
+        while hello.pid().is_none() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(hello)
+    }
+
+    /// The pid in the pid file: the generation that serves now.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Ends the current generation with SIGTERM and waits for the first.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, "TERM");
+            wait_exit(pid, Duration::from_secs(30)).await;
+        }
+        let _ = self.first.wait().await;
+    }
+}

@@ -1,0 +1,191 @@
+//! The long-lived connection benchmark: how long a drain takes with many
+//! open WebSocket connections, and what each one costs in memory.
+//!
+//! ```text
+//! cargo run --release --example ws_bench -- [--connections 1000] [--close-grace SECS]
+//! ```
+//!
+//! It starts `examples/hello` (built in release mode first) twice, opens
+//! `--connections` WebSocket connections to `/ws` (each checked with one
+//! echo), and sends `SIGTERM`:
+//!
+//! - first with clients that behave (they read, and answer the server's
+//!   Close 1001): the time from the signal to the last connection closed,
+//!   and to the process's exit;
+//! - then with clients that ignore the Close (they never read again): they
+//!   are forced at the close grace; the time from the signal to the exit.
+//!
+//! Target for both: within the close grace + 50 ms. It also prints the
+//! server's resident memory per open WebSocket connection (everything the
+//! connection holds: socket buffers in user space, hyper, tungstenite, the
+//! task, and handover's tracking).
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+mod bench_support;
+use bench_support::{Hello, hello_binary, kill, rss_kib, wait_exit};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Options {
+    connections: usize,
+    close_grace: f64,
+}
+
+fn parse() -> Result<Options, String> {
+    let mut o = Options {
+        connections: 1000,
+        close_grace: 1.0,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
+        match flag.as_str() {
+            "--connections" => o.connections = value.parse().map_err(|e| bad(&e))?,
+            "--close-grace" => o.close_grace = value.parse().map_err(|e| bad(&e))?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(o)
+}
+
+/// Opens `n` WebSockets to `hello`, 50 at a time, each checked by an echo.
+async fn open(addr: std::net::SocketAddr, n: usize) -> Result<Vec<Ws>, String> {
+    let mut all = Vec::with_capacity(n);
+    let url = format!("ws://{addr}/ws");
+    while all.len() < n {
+        let batch = (n - all.len()).min(50);
+        let opened = futures_util::future::join_all((0..batch).map(|_| {
+            let url = url.clone();
+            async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                ws.send(Message::text("hi"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t == "hi" => Ok(ws),
+                    other => Err(format!("no echo: {other:?}")),
+                }
+            }
+        }))
+        .await;
+        for ws in opened {
+            all.push(ws?);
+        }
+    }
+    Ok(all)
+}
+
+/// The server's drain time as it logged it (`elapsed_ms=`), in ms.
+fn logged_drain_ms(server: &Hello) -> Option<f64> {
+    let logs = server.logs.lock().expect("logs");
+    let line = logs.iter().rev().find(|l| l.contains("drain finished"))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("elapsed_ms="))?
+        .parse()
+        .ok()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let o = parse()?;
+    let hello = hello_binary()?;
+    let dir = std::env::temp_dir().join(format!("handover-ws-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let grace = Duration::from_secs_f64(o.close_grace);
+    let grace_arg = o.close_grace.to_string();
+    let args = ["--close-grace", grace_arg.as_str(), "--drain-timeout", "30"];
+    let target = grace + Duration::from_millis(50);
+    println!(
+        "{} WebSocket connections; close grace {:?}; target: drained within {:?}",
+        o.connections, grace, target
+    );
+    let mut within_target = true;
+
+    // 1. Clients that behave.
+    let server = Hello::start(&hello, &dir, &args).await?;
+    let pid = server.pid().ok_or("no pid")?;
+    let idle_rss = rss_kib(pid);
+    let sockets = open(server.addr, o.connections).await?;
+    let busy_rss = rss_kib(pid);
+    let per_connection = (busy_rss.saturating_sub(idle_rss)) as f64 * 1024.0 / o.connections as f64;
+    println!(
+        "server RSS: {idle_rss} KiB idle, {busy_rss} KiB with {} open: {per_connection:.0} bytes per connection",
+        o.connections
+    );
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut away = false;
+                while let Some(message) = ws.next().await {
+                    if let Ok(Message::Close(Some(frame))) = message {
+                        away = frame.code == CloseCode::Away;
+                    }
+                }
+                (away, Instant::now())
+            })
+        })
+        .collect();
+    let signalled = Instant::now();
+    kill(pid, "TERM")?;
+    let mut last_closed = signalled;
+    let mut away = 0;
+    for reader in readers {
+        let (was_away, at) = reader.await?;
+        away += usize::from(was_away);
+        last_closed = last_closed.max(at);
+    }
+    let exited = wait_exit(pid, Duration::from_secs(60)).await;
+    let drained = last_closed - signalled;
+    println!(
+        "behaving clients: {away}/{} got Close 1001; signal -> last connection closed {:.1} ms, -> exit {:.1} ms (server's drain: {:.1} ms)",
+        o.connections,
+        ms(drained),
+        ms(exited - signalled),
+        logged_drain_ms(&server).unwrap_or(f64::NAN),
+    );
+    within_target &= drained <= target && away == o.connections;
+    server.stop().await;
+
+    // 2. Clients that ignore the Close.
+    let server = Hello::start(&hello, &dir, &args).await?;
+    let pid = server.pid().ok_or("no pid")?;
+    let deaf = open(server.addr, o.connections).await?;
+    let signalled = Instant::now();
+    kill(pid, "TERM")?;
+    let exited = wait_exit(pid, Duration::from_secs(60)).await;
+    let took = exited - signalled;
+    println!(
+        "clients ignoring Close: forced; signal -> exit {:.1} ms (close grace + {:.1} ms; server's drain: {:.1} ms)",
+        ms(took),
+        ms(took.saturating_sub(grace)),
+        logged_drain_ms(&server).unwrap_or(f64::NAN),
+    );
+    within_target &= took <= target;
+    drop(deaf);
+    server.stop().await;
+
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "{}",
+        if within_target {
+            "within target"
+        } else {
+            "TARGET MISSED"
+        }
+    );
+    Ok(())
+}
