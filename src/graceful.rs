@@ -406,12 +406,20 @@ impl Shared {
         // so a release that makes them zero can never be missed.
         let previous = counter.active.fetch_sub(1, Ordering::SeqCst);
         if self.draining.load(Ordering::SeqCst) {
-            if finished {
-                counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
-            }
-            if previous == 1 {
-                self.idle.notify_waiters();
-            }
+            self.settle_in_drain(counter, finished, previous);
+        }
+    }
+
+    /// The rest of [`settle`](Self::settle) once draining: kept out of the
+    /// hot path.
+    #[cold]
+    #[inline(never)]
+    fn settle_in_drain(&self, counter: &Counter, finished: bool, previous: usize) {
+        if finished {
+            counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
+        }
+        if previous == 1 {
+            self.idle.notify_waiters();
         }
     }
 

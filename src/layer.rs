@@ -225,28 +225,31 @@ where
         // The same `Graceful` counts this request already (a router with
         // `.layer(graceful.layer())` under `serve`, which adds the layer
         // too): pass it through, so it counts once.
-        if req
+        let counted = req
             .extensions()
             .get::<ShutdownSignal>()
-            .is_some_and(|signal| signal.is_from(&self.graceful))
-        {
-            return ResponseFuture {
-                inner: self.inner.call(req),
-                guard: None,
-                http1: false,
-            };
-        }
-        let guard = self.graceful.request_guard(self.connection.as_ref());
-        if self.signal_extension {
-            let signal = self.graceful.signal_with(self.connection.is_some());
-            req.extensions_mut().insert(signal);
-        }
+            .is_some_and(|signal| signal.is_from(&self.graceful));
+        let guard = if counted {
+            None
+        } else {
+            if self.signal_extension {
+                self.insert_signal(&mut req);
+            }
+            Some(self.graceful.request_guard(self.connection.as_ref()))
+        };
         let http1 = req.version() < Version::HTTP_2;
         ResponseFuture {
             inner: self.inner.call(req),
-            guard: Some(guard),
+            guard,
             http1,
         }
+    }
+}
+
+impl<S> GracefulService<S> {
+    fn insert_signal<B>(&self, req: &mut Request<B>) {
+        let signal = self.graceful.signal_with(self.connection.is_some());
+        req.extensions_mut().insert(signal);
     }
 }
 
@@ -276,23 +279,31 @@ where
         // An error drops the guard with the future: the request is done.
         let mut response = ready!(this.inner.poll(cx))?;
         let guard = this.guard.take();
-        let long_lived = match &guard {
-            Some(guard) => {
-                if *this.http1
-                    && guard.is_draining()
-                    && response.status() != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    response
-                        .headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                }
-                LongLived::of(&response, guard)
+        let mut long_lived = None;
+        if let Some(guard) = &guard {
+            if guard.is_draining() {
+                close_after(&mut response, *this.http1);
             }
-            None => None,
-        };
+            // Nothing to look up without headers (the common trivial case).
+            if !response.headers().is_empty() {
+                long_lived = LongLived::of(response.headers(), guard);
+            }
+        }
         Poll::Ready(Ok(
             response.map(|body| TrackedBody::new(body, guard, long_lived))
         ))
+    }
+}
+
+/// Once draining: `Connection: close` on an HTTP/1 response, unless it
+/// switches protocols.
+#[cold]
+#[inline(never)]
+fn close_after<B>(response: &mut Response<B>, http1: bool) {
+    if http1 && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
 }
 
@@ -302,12 +313,15 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     }
 }
 
-/// A response that may run for as long as the connection lives, and that
-/// can be ended cleanly between two of its frames when the close grace
-/// passes.
-struct LongLived {
-    kind: StreamKind,
-    closing: Pin<Box<WaitForCancellationFutureOwned>>,
+pin_project! {
+    /// A response that may run for as long as the connection lives, and
+    /// that can be ended cleanly between two of its frames when the close
+    /// grace passes.
+    struct LongLived {
+        kind: StreamKind,
+        #[pin]
+        closing: WaitForCancellationFutureOwned,
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -321,8 +335,9 @@ enum StreamKind {
 }
 
 impl LongLived {
-    fn of<B>(response: &Response<B>, guard: &RequestGuard) -> Option<Self> {
-        let content_type = response.headers().get(CONTENT_TYPE)?.as_bytes();
+    /// Boxed: the common body (not long-lived) pays one pointer for it.
+    fn of(headers: &HeaderMap, guard: &RequestGuard) -> Option<Pin<Box<Self>>> {
+        let content_type = headers.get(CONTENT_TYPE)?.as_bytes();
         let kind = if content_type.starts_with(b"text/event-stream") {
             StreamKind::EventStream
         } else if content_type == b"application/grpc"
@@ -332,10 +347,10 @@ impl LongLived {
         } else {
             return None;
         };
-        Some(Self {
+        Some(Box::pin(Self {
             kind,
-            closing: Box::pin(guard.closing()),
-        })
+            closing: guard.closing(),
+        }))
     }
 }
 
@@ -368,12 +383,13 @@ pin_project! {
         #[pin]
         inner: B,
         guard: Option<RequestGuard>,
-        long_lived: Option<LongLived>,
+        long_lived: Option<Pin<Box<LongLived>>>,
     }
 }
 
 impl<B: Body> TrackedBody<B> {
-    fn new(inner: B, guard: Option<RequestGuard>, long_lived: Option<LongLived>) -> Self {
+    #[inline]
+    fn new(inner: B, guard: Option<RequestGuard>, long_lived: Option<Pin<Box<LongLived>>>) -> Self {
         if inner.is_end_stream() {
             return Self {
                 inner,
@@ -415,9 +431,9 @@ impl<B: Body> Body for TrackedBody<B> {
             // Waiting for the next frame: a long-lived stream ends here once
             // the close grace has passed, on a frame boundary.
             if let Some(long_lived) = this.long_lived.as_mut()
-                && long_lived.closing.as_mut().poll(cx).is_ready()
+                && long_lived.as_mut().project().closing.poll(cx).is_ready()
             {
-                let kind = std::mem::replace(&mut long_lived.kind, StreamKind::Ended);
+                let kind = std::mem::replace(long_lived.as_mut().project().kind, StreamKind::Ended);
                 *this.guard = None;
                 tracing::debug!("long-lived response ended at the close grace");
                 return Poll::Ready(match kind {
