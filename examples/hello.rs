@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
 //!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
+//!     [--tcp-nodelay on|off]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -50,6 +51,7 @@ struct Args {
     ready_timeout: Duration,
     close_grace: Duration,
     warmup: Duration,
+    tcp_nodelay: bool,
 }
 
 fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
@@ -65,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         ready_timeout: Duration::from_secs(30),
         close_grace: handover::DEFAULT_CLOSE_GRACE,
         warmup: Duration::ZERO,
+        tcp_nodelay: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +78,13 @@ fn parse_args() -> Result<Args, String> {
             "--drain-timeout" => args.drain_timeout = seconds(&flag, &value)?,
             "--ready-timeout" => args.ready_timeout = seconds(&flag, &value)?,
             "--close-grace" => args.close_grace = seconds(&flag, &value)?,
+            "--tcp-nodelay" => {
+                args.tcp_nodelay = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--tcp-nodelay {value}: say on or off")),
+                }
+            }
             "--warmup-ms" => {
                 let ms: u64 = value
                     .parse()
@@ -206,7 +216,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         if let Err(e) = handover.ready() {
             tracing::error!(error = %e, "while becoming ready; serving anyway");
         }
-        match handover.serve(listener, app).await? {
+        let serve = handover.serve(listener, app).tcp_nodelay(args.tcp_nodelay);
+        match serve.await? {
             Exit::HandedOver { pid, report } => {
                 tracing::info!(new_pid = pid, %report, "handed over; exiting")
             }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example restart_bench -- [--seconds 10] [--every-ms 500]
-//!     [--h1 16] [--h2 4] [--streams 8]
+//!     [--h1 16] [--h2 4] [--streams 8] [--no-nagle-phase]
 //! ```
 //!
 //! It starts `examples/hello` (built in release mode first), drives it with
@@ -13,7 +13,13 @@
 //! requests/s, failed requests (any error or non-2xx), latency percentiles,
 //! and for the restart phase: restarts achieved, time from the signal to the
 //! new generation answering, and time from an old generation's last response
-//! to its exit. Last, the ratio of the two throughputs.
+//! to its exit. Last, the ratio of the two throughputs, and a third phase:
+//! steady again, on a second `hello` with `--tcp-nodelay off` (Nagle), to
+//! show what that trade-off costs and buys (`--no-nagle-phase` skips it).
+//!
+//! "The signal" is the moment `kill -HUP` returned, that is just after the
+//! kernel delivered it; the time it took to start `kill` itself is printed
+//! apart, as it is not part of the restart.
 //!
 //! A request that an HTTP/2 GOAWAY refused (RFC 9113 6.8 guarantees it was
 //! not processed) is sent again, as a conforming client may, and counted
@@ -41,6 +47,7 @@ struct Options {
     h1: usize,
     h2: usize,
     streams: usize,
+    nagle_phase: bool,
 }
 
 fn parse() -> Result<Options, String> {
@@ -50,9 +57,14 @@ fn parse() -> Result<Options, String> {
         h1: 16,
         h2: 4,
         streams: 8,
+        nagle_phase: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--no-nagle-phase" {
+            o.nagle_phase = false;
+            continue;
+        }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let n = |v: &str| v.parse::<f64>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
@@ -287,6 +299,28 @@ fn summary(name: &str, record: &mut Record, elapsed: Duration) -> f64 {
     rps
 }
 
+/// Runs the load on `addr` for one phase, without restarts.
+async fn steady_load(
+    addr: std::net::SocketAddr,
+    o: &Options,
+) -> Result<(Record, Duration), Box<dyn std::error::Error>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(addr, o, stop.clone()).await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(o.seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut record = Record::default();
+    for t in tasks {
+        record.merge(t.await?);
+    }
+    Ok((record, elapsed))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
@@ -303,16 +337,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Phase 1: steady.
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(addr, &o, stop.clone()).await;
-    let started = Instant::now();
-    tokio::time::sleep(phase).await;
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let mut steady = Record::default();
-    for t in tasks {
-        steady.merge(t.await?);
-    }
+    let (mut steady, elapsed) = steady_load(addr, &o).await?;
     let steady_rps = summary("steady", &mut steady, elapsed);
 
     // Phase 2: a SIGHUP every `every`.
@@ -321,15 +346,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let exits: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
     let mut signals: Vec<(u32, Instant)> = Vec::new();
+    let mut kill_took = Vec::new();
     let mut next = started + o.every;
     while started.elapsed() < phase {
         tokio::time::sleep_until(next.into()).await;
         next += o.every;
         let Some(old) = read_pid() else { continue };
-        let sent = Instant::now();
+        let spawned = Instant::now();
         if !kill(old, "HUP")? {
             continue;
         }
+        let sent = Instant::now();
+        kill_took.push(ms(sent - spawned));
         signals.push((old, sent));
         // Watch the old generation's exit at 0.2 ms resolution.
         let exits = exits.clone();
@@ -364,10 +392,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|(_, (first, _))| *first)
             .min();
         if let Some(first) = new_first {
-            to_new.push(first.duration_since(*sent).as_secs_f64() * 1e3);
+            to_new.push(ms(first.saturating_duration_since(*sent)));
         }
         if let (Some(exit), Some((_, last))) = (exits.get(old), restarts.seen.get(old)) {
-            to_exit.push(exit.saturating_duration_since(*last).as_secs_f64() * 1e3);
+            to_exit.push(ms(exit.saturating_duration_since(*last)));
         }
     }
     let stats = |v: &mut Vec<f64>| {
@@ -388,6 +416,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("signal -> new generation answering: {}", stats(&mut to_new));
     println!(
+        "(starting the kill command itself took: {})",
+        stats(&mut kill_took)
+    );
+    println!(
         "old generation's last response -> its exit: {}",
         stats(&mut to_exit)
     );
@@ -397,8 +429,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     server.stop().await;
+
+    // Phase 3: steady, with Nagle's algorithm (TCP_NODELAY off).
+    let mut nagle_failed = false;
+    if o.nagle_phase {
+        let nagle = Hello::start(&hello, &dir, &["--tcp-nodelay", "off"]).await?;
+        let (mut record, elapsed) = steady_load(nagle.addr, &o).await?;
+        let nagle_rps = summary("nagle", &mut record, elapsed);
+        println!(
+            "steady with TCP_NODELAY off / on (the default) = {:.3}",
+            nagle_rps / steady_rps
+        );
+        nagle_failed = !record.failed.is_empty();
+        nagle.stop().await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    if !steady.failed.is_empty() || !restarts.failed.is_empty() {
+    if !steady.failed.is_empty() || !restarts.failed.is_empty() || nagle_failed {
         return Err("some requests failed".into());
     }
     Ok(())
