@@ -21,9 +21,11 @@ use crate::layer::GracefulLayer;
 /// `Graceful` counts in-flight requests (from the moment a request reaches
 /// [`GracefulLayer`] until its response body has ended or been dropped) and
 /// open connections (when the accept loop is [`serve`](crate::serve) or one
-/// of your own that holds a [`ConnectionToken`]). It starts a drain, and
-/// [`drain`](Graceful::drain) waits until that work is done or a deadline
-/// passes.
+/// of your own that holds a [`ConnectionToken`]), and upgraded connections
+/// such as WebSockets (tracked by `serve`, or by an [`UpgradeToken`]). It
+/// starts a drain, and [`drain`](Graceful::drain) waits until that work is
+/// done or a deadline passes; long-lived work gets a shorter
+/// [close grace](Graceful::set_close_grace) first.
 ///
 /// Cloning is cheap (one reference count): every clone sees and controls the
 /// same counts.
