@@ -446,11 +446,17 @@ impl Shared {
             );
         }
         for force in live.into_values() {
-            self.upgraded_forced.fetch_add(1, Ordering::SeqCst);
+            self.force_upgraded(force);
             self.settle(&self.upgraded, false);
-            if let Some(force) = force.and_then(|weak| weak.upgrade()) {
-                force.force();
-            }
+        }
+    }
+
+    /// Counts one upgraded connection as forced, and forces its IO when
+    /// the serve loop owns it.
+    fn force_upgraded(&self, force: Option<Weak<dyn Force>>) {
+        self.upgraded_forced.fetch_add(1, Ordering::SeqCst);
+        if let Some(force) = force.and_then(|weak| weak.upgrade()) {
+            force.force();
         }
     }
 
@@ -572,10 +578,7 @@ impl UpgradeToken {
         if upgrades.closed {
             drop(upgrades);
             tracing::debug!("upgraded after the close grace; forced at once");
-            shared.upgraded_forced.fetch_add(1, Ordering::SeqCst);
-            if let Some(force) = force.and_then(|weak| weak.upgrade()) {
-                force.force();
-            }
+            shared.force_upgraded(force);
             return Self::untracked(shared);
         }
         shared.upgraded.active.fetch_add(1, Ordering::SeqCst);

@@ -332,9 +332,41 @@ async fn serve_connection<I, S, B>(
     let busy = Arc::new(AtomicUsize::new(0));
     let io = TokioIo::new(ConnIo::new(io, state.clone()));
     let service = TowerToHyperService::new(service.for_connection(busy.clone()));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    drive(conn, &state, &busy, &graceful, idle_grace).await;
-    // The connection (and with it the IO, unless upgraded) is gone now.
+    // Driven in a block of its own, so the connection (and with it the IO,
+    // unless upgraded) is dropped when the block ends.
+    async {
+        let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
+        let mut drain = pin!(graceful.signal().draining());
+        let mut forced = pin!(graceful.forced());
+
+        tokio::select! {
+            result = conn.as_mut() => return log_end(result),
+            () = &mut drain => {}
+        }
+        if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.load(Ordering::SeqCst) == 0
+        {
+            // An idle HTTP/1 connection (or one that has sent nothing yet):
+            // its client may have a request on the wire that closing now
+            // would reset. Give it the grace; a request that arrives in it
+            // is served with `Connection: close`, after which hyper closes
+            // by itself.
+            tokio::select! {
+                result = conn.as_mut() => return log_end(result),
+                () = tokio::time::sleep(idle_grace) => {}
+                _ = &mut forced => return tracing::debug!("connection forced closed"),
+            }
+        }
+        // HTTP/2: GOAWAY now, open streams finish. HTTP/1 busy at drain
+        // start: close right after the response in progress (its client is
+        // reading, not writing). HTTP/1 after the grace: close if idle, or
+        // after the response in progress.
+        conn.as_mut().graceful_shutdown();
+        tokio::select! {
+            result = conn.as_mut() => log_end(result),
+            _ = &mut forced => tracing::debug!("connection forced closed"),
+        }
+    }
+    .await;
     if Arc::strong_count(&state) > 1 {
         // Upgraded: hyper handed the IO to the handler (a WebSocket task).
         // It stays counted, and forced at the close grace, until that IO is
@@ -344,67 +376,6 @@ async fn serve_connection<I, S, B>(
     }
     // Counted as an upgraded connection from now on, if it is one.
     drop(token);
-}
-
-/// Runs one connection through the drain: see [`serve`].
-async fn drive<C>(
-    conn: C,
-    state: &ConnState,
-    busy: &AtomicUsize,
-    graceful: &Graceful,
-    idle_grace: Duration,
-) where
-    C: Future<Output = Result<(), BoxError>> + GracefulShutdown,
-{
-    let mut conn = pin!(conn);
-    let mut drain = pin!(graceful.signal().draining());
-    let mut forced = pin!(graceful.forced());
-
-    tokio::select! {
-        result = conn.as_mut() => return log_end(result),
-        () = &mut drain => {}
-    }
-    if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.load(Ordering::SeqCst) == 0 {
-        // An idle HTTP/1 connection (or one that has sent nothing yet): its
-        // client may have a request on the wire that closing now would
-        // reset. Give it the grace; a request that arrives in it is served
-        // with `Connection: close`, after which hyper closes by itself.
-        tokio::select! {
-            result = conn.as_mut() => return log_end(result),
-            () = tokio::time::sleep(idle_grace) => {}
-            _ = &mut forced => return tracing::debug!("connection forced closed"),
-        }
-    }
-    // HTTP/2: GOAWAY now, open streams finish. HTTP/1 busy at drain start:
-    // close right after the response in progress (its client is reading,
-    // not writing). HTTP/1 after the grace: close if idle, or after the
-    // response in progress.
-    conn.as_mut().graceful_shutdown();
-    tokio::select! {
-        result = conn.as_mut() => log_end(result),
-        _ = &mut forced => tracing::debug!("connection forced closed"),
-    }
-}
-
-/// hyper-util's connection futures, whose `graceful_shutdown` takes a pin.
-trait GracefulShutdown {
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, E> GracefulShutdown
-    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
-where
-    S: hyper::service::HttpService<Incoming>,
-    S::Error: Into<BoxError>,
-    S::ResBody: Body + Send + 'static,
-    <S::ResBody as Body>::Data: Send,
-    <S::ResBody as Body>::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(self)
-    }
 }
 
 fn log_end(result: Result<(), BoxError>) {
