@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::layer::GracefulLayer;
+use crate::sys::count::{Counted, Owner, ReleasedInDrain};
 
 /// A handle on the work this process still owes its clients.
 ///
@@ -37,8 +38,10 @@ use crate::layer::GracefulLayer;
 /// them specialised for a server. It keeps separate counts for requests and
 /// connections, knows how many of them ended during the drain and how many
 /// had to be forced, and never needs a `close()` call before its wait can
-/// return. Its per-request cost is the same as a `TaskTracker` token: one
-/// atomic increment and one atomic decrement, plus the reference count.
+/// return. Its per-request cost is half a `TaskTracker` token's: one atomic
+/// operation when the request starts and one when it ends, because the
+/// count of requests is also the reference count that keeps their shared
+/// state alive (a token clones an `Arc` besides counting).
 ///
 /// # Examples
 ///
@@ -98,7 +101,10 @@ pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The state every clone of a [`Graceful`], every guard and every signal
 /// points to.
 pub(crate) struct Shared {
-    requests: Counter,
+    /// In-flight requests. The count is also the reference count of what a
+    /// request needs, so a request costs one atomic operation in and one
+    /// out (see `sys::count`).
+    requests: Owner<RequestSide>,
     connections: Counter,
     upgraded: Counter,
     /// Upgraded connections forced at the close grace.
@@ -107,20 +113,37 @@ pub(crate) struct Shared {
     upgrades: Mutex<Upgrades>,
     /// In nanoseconds.
     close_grace: AtomicU64,
-    /// Set once, when the drain starts. Read on every request release, so it
-    /// is a plain atomic rather than the token (whose `is_cancelled` locks).
+    /// Set once, when the drain starts. Read on every connection release,
+    /// so it is a plain atomic rather than the token (whose `is_cancelled`
+    /// locks).
     draining: AtomicBool,
-    /// Woken when a count reaches zero during a drain.
-    idle: Notify,
     /// Fires when the drain starts (what `ShutdownSignal` waits on).
     drain_started: CancellationToken,
-    /// Fires when the close grace has passed: long-lived responses end and
-    /// upgraded connections are forced.
-    close: CancellationToken,
     /// Fires when the drain deadline has passed: the serve loop aborts what is left.
     force: CancellationToken,
     /// When the drain started.
     started_at: OnceLock<Instant>,
+}
+
+/// What an in-flight request reaches through its guard, even after every
+/// [`Graceful`] is gone.
+struct RequestSide {
+    finished_in_drain: AtomicUsize,
+    /// Woken when a count (requests, connections, upgraded) reaches zero
+    /// during a drain.
+    idle: Notify,
+    /// Fires when the close grace has passed: long-lived responses end and
+    /// upgraded connections are forced.
+    close: CancellationToken,
+}
+
+impl ReleasedInDrain for RequestSide {
+    fn released_in_drain(&self, now_zero: bool) {
+        self.finished_in_drain.fetch_add(1, Ordering::SeqCst);
+        if now_zero {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -154,16 +177,18 @@ impl Graceful {
     pub fn new() -> Self {
         Self {
             shared: Arc::new(Shared {
-                requests: Counter::default(),
+                requests: Owner::new(RequestSide {
+                    finished_in_drain: AtomicUsize::new(0),
+                    idle: Notify::new(),
+                    close: CancellationToken::new(),
+                }),
                 connections: Counter::default(),
                 upgraded: Counter::default(),
                 upgraded_forced: AtomicUsize::new(0),
                 upgrades: Mutex::default(),
                 close_grace: AtomicU64::new(DEFAULT_CLOSE_GRACE.as_nanos() as u64),
                 draining: AtomicBool::new(false),
-                idle: Notify::new(),
                 drain_started: CancellationToken::new(),
-                close: CancellationToken::new(),
                 force: CancellationToken::new(),
                 started_at: OnceLock::new(),
             }),
@@ -194,7 +219,7 @@ impl Graceful {
     /// Requests in flight now: counted from the layer's `call` until the
     /// response body ends, or until the response future or body is dropped.
     pub fn in_flight(&self) -> usize {
-        self.shared.requests.active.load(Ordering::SeqCst)
+        self.shared.requests.count()
     }
 
     /// Connections open now, as tracked by [`serve`](crate::serve) or by
@@ -252,6 +277,7 @@ impl Graceful {
         let now = Instant::now();
         let _ = shared.started_at.set(now);
         if !shared.draining.swap(true, Ordering::SeqCst) {
+            shared.requests.start_draining();
             tracing::info!(
                 in_flight = self.in_flight(),
                 connections = self.connections(),
@@ -286,7 +312,7 @@ impl Graceful {
         let shared = &*self.shared;
 
         let mut idle = pin!(shared.wait_idle());
-        let mut closed = shared.close.is_cancelled();
+        let mut closed = shared.requests.close.is_cancelled();
         let finished_in_time = loop {
             tokio::select! {
                 biased;
@@ -421,7 +447,7 @@ impl Shared {
             counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
         }
         if previous == 1 {
-            self.idle.notify_waiters();
+            self.requests.idle.notify_waiters();
         }
     }
 
@@ -433,7 +459,7 @@ impl Shared {
     /// The close grace has passed: end long-lived responses and force every
     /// upgraded connection still open (and every one upgraded from now on).
     fn close_long_lived(&self) {
-        self.close.cancel();
+        self.requests.close.cancel();
         let live = {
             let mut upgrades = self.upgrades();
             upgrades.closed = true;
@@ -462,12 +488,12 @@ impl Shared {
 
     async fn wait_idle(&self) {
         loop {
-            let notified = self.idle.notified();
+            let notified = self.requests.idle.notified();
             tokio::pin!(notified);
             // Register before reading the counts, so a release between the
             // read and the await still wakes us.
             notified.as_mut().enable();
-            if self.requests.active.load(Ordering::SeqCst) == 0
+            if self.requests.count() == 0
                 && self.connections.active.load(Ordering::SeqCst) == 0
                 && self.upgraded.active.load(Ordering::SeqCst) == 0
             {
@@ -481,34 +507,32 @@ impl Shared {
 /// Holds one request in the count (and in its connection's, when the
 /// serve loop tracks that); released on drop.
 pub(crate) struct RequestGuard {
-    shared: Arc<Shared>,
+    request: Counted<RequestSide>,
     connection: Option<Arc<AtomicUsize>>,
 }
 
 impl RequestGuard {
     #[inline]
-    fn new(shared: &Arc<Shared>, connection: Option<&Arc<AtomicUsize>>) -> Self {
-        shared.requests.active.fetch_add(1, Ordering::SeqCst);
+    fn new(shared: &Shared, connection: Option<&Arc<AtomicUsize>>) -> Self {
+        let request = shared.requests.count_one();
         let connection = connection.map(|busy| {
             busy.fetch_add(1, Ordering::SeqCst);
             busy.clone()
         });
         Self {
-            shared: shared.clone(),
+            request,
             connection,
         }
     }
-}
 
-impl RequestGuard {
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
-        self.shared.is_draining()
+        self.request.is_draining()
     }
 
     /// Resolves when the close grace has passed.
     pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
-        self.shared.close.clone().cancelled_owned()
+        self.request.close.clone().cancelled_owned()
     }
 }
 
@@ -518,7 +542,7 @@ impl Drop for RequestGuard {
         if let Some(busy) = &self.connection {
             busy.fetch_sub(1, Ordering::SeqCst);
         }
-        self.shared.release(&self.shared.requests);
+        // The request itself is released as `self.request` drops.
     }
 }
 

@@ -221,7 +221,8 @@ where
     }
 
     #[inline]
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let http1 = req.version() < Version::HTTP_2;
         // The same `Graceful` counts this request already (a router with
         // `.layer(graceful.layer())` under `serve`, which adds the layer
         // too): pass it through, so it counts once.
@@ -229,17 +230,18 @@ where
             .extensions()
             .get::<ShutdownSignal>()
             .is_some_and(|signal| signal.is_from(&self.graceful));
-        let guard = if counted {
-            None
+        let guard = (!counted).then(|| self.graceful.request_guard(self.connection.as_ref()));
+        // Two calls, so that without the extension `req` moves straight
+        // into the inner service instead of being copied around.
+        let inner = if self.signal_extension && guard.is_some() {
+            let mut req = req;
+            self.insert_signal(&mut req);
+            self.inner.call(req)
         } else {
-            if self.signal_extension {
-                self.insert_signal(&mut req);
-            }
-            Some(self.graceful.request_guard(self.connection.as_ref()))
+            self.inner.call(req)
         };
-        let http1 = req.version() < Version::HTTP_2;
         ResponseFuture {
-            inner: self.inner.call(req),
+            inner,
             guard,
             http1,
         }

@@ -1,9 +1,12 @@
 //! The few system calls that the standard library does not wrap: adopting
-//! inherited fds, checking what they are, and laying out fds for `exec`.
+//! inherited fds, checking what they are, and laying out fds for `exec`;
+//! and, in [`count`], the request counter that is its own reference count.
 //!
 //! This is the only module of the crate with `unsafe` code; each block says
 //! why it is sound.
 #![allow(unsafe_code)]
+
+pub(crate) mod count;
 
 use std::io;
 use std::mem;
