@@ -7,13 +7,17 @@ use crate::error::Error;
 
 /// Writes our pid to `path` atomically: a temporary file in the same
 /// directory, then a rename over `path`.
+///
+/// Not flushed to disk: a pid file means nothing after a reboot (it
+/// usually lives on a tmpfs such as `/run`), and an `fsync` here would
+/// delay, by as long as the disk takes, the moment this generation starts
+/// accepting, while the previous one has already stopped.
 pub(crate) fn write_pid_file(path: &Path) -> Result<(), Error> {
     let pid = std::process::id();
     let tmp = temp_path(path, pid);
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         writeln!(file, "{pid}")?;
-        file.sync_all()?;
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| {

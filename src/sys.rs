@@ -1,12 +1,14 @@
 //! The few system calls that the standard library does not wrap: adopting
-//! inherited fds, checking what they are, and laying out fds for `exec`;
-//! and, in [`count`], the request counter that is its own reference count.
+//! inherited fds and checking what they are; in [`spawn`], starting the next
+//! generation with its fds in place; and, in [`count`], the request counter
+//! that is its own reference count.
 //!
 //! This is the only module of the crate with `unsafe` code; each block says
 //! why it is sound.
 #![allow(unsafe_code)]
 
 pub(crate) mod count;
+pub(crate) mod spawn;
 
 use std::io;
 use std::mem;
@@ -177,54 +179,8 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs between `fork` and `exec` in the child: puts `sources[i]` at fd
-/// `3 + i`, without `FD_CLOEXEC`, so exactly these cross `exec`.
-///
-/// Only async-signal-safe calls (`fcntl`, `dup2`), no allocation.
-fn place_fds(sources: &[RawFd]) -> io::Result<()> {
-    let first_free = 3 + sources.len() as RawFd;
-    // Move every source out of the target range first, so that placing one
-    // never overwrites a source not yet placed. The copies have
-    // FD_CLOEXEC and vanish at `exec`.
-    let mut moved = [0 as RawFd; MAX_PASSED_FDS];
-    for (slot, &src) in moved.iter_mut().zip(sources) {
-        // SAFETY: F_DUPFD_CLOEXEC duplicates an fd the parent keeps open
-        // for the whole spawn; it allocates a new number >= first_free.
-        let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free) };
-        if fd == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        *slot = fd;
-    }
-    for (i, &fd) in moved[..sources.len()].iter().enumerate() {
-        // SAFETY: `dup2` onto 3 + i replaces whatever the child had there
-        // (nothing it needs: std opens its fds with FD_CLOEXEC) and yields
-        // an fd without FD_CLOEXEC, which is what crosses `exec`.
-        if unsafe { libc::dup2(fd, 3 + i as RawFd) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// The most fds one upgrade passes on (listeners and the readiness pipe).
 pub(crate) const MAX_PASSED_FDS: usize = 64;
-
-/// Arranges for `command`'s child to receive `fds` at 3, 4, …
-pub(crate) fn pass_fds(command: &mut tokio::process::Command, fds: Vec<OwnedFd>) {
-    debug_assert!(fds.len() <= MAX_PASSED_FDS);
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    // SAFETY: the closure runs in the child between fork and exec; it only
-    // reads `raw` (allocated before the fork) and makes async-signal-safe
-    // system calls. The fds stay open in the parent until the spawn has
-    // returned, because `fds` is moved into the closure that `command` owns.
-    unsafe {
-        command.pre_exec(move || {
-            let _keep_open = &fds;
-            place_fds(&raw)
-        });
-    }
-}
 
 /// Removes an inheritance variable from the environment, so that the
 /// application's own children do not see it.

@@ -1,14 +1,13 @@
 //! Starting the next generation and waiting until it is ready.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +15,7 @@ use crate::error::Error;
 use crate::listener::{
     HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID, Listeners,
 };
+use crate::sys::spawn::Child;
 use crate::{notify, sys};
 
 /// How this process starts its successor: resolved once, at start-up.
@@ -144,31 +144,31 @@ impl Upgrader {
         let names: Vec<&str> = passed.iter().map(|(name, _)| name.as_str()).collect();
         let count = passed.len();
 
-        let mut command = tokio::process::Command::new(&self.exe);
-        command
-            .args(&self.args)
-            .current_dir(&self.cwd)
-            .env_remove(LISTEN_PID)
-            .env(LISTEN_FDS, count.to_string())
-            .env(LISTEN_FDNAMES, names.join(":"))
-            .env(
-                HANDOVER_READY_FD,
-                (LISTEN_FDS_START + count as i32).to_string(),
-            );
+        let ours = [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES, HANDOVER_READY_FD];
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(key, _)| !ours.iter().any(|ours| key == ours))
+            .collect();
+        env.push((LISTEN_FDS.into(), count.to_string().into()));
+        env.push((LISTEN_FDNAMES.into(), names.join(":").into()));
+        env.push((
+            HANDOVER_READY_FD.into(),
+            (LISTEN_FDS_START + count as i32).to_string().into(),
+        ));
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd)| fd).collect();
         fds.push(OwnedFd::from(writer));
-        sys::pass_fds(&mut command, fds);
+        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
         tracing::info!(exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
-        let spawned = command.spawn();
+        let spawned = sys::spawn::spawn(&self.exe, &self.args, &self.cwd, &env, &borrowed);
         // Closes this process's copies of the passed fds, above all the
         // pipe's write end: the child's exit must read as end of file.
-        drop(command);
+        drop(borrowed);
+        drop(fds);
         let mut child = spawned.map_err(|e| Error::Binary {
             path: self.exe.clone(),
             reason: e.to_string(),
         })?;
-        let pid = child.id().unwrap_or(0);
+        let pid = child.id();
 
         let result = self
             .wait_ready(&mut child, pid, OwnedFd::from(reader), cancel)
@@ -177,7 +177,7 @@ impl Upgrader {
             Ok(()) => tracing::info!(pid, "upgrade: the next generation is ready"),
             Err(e) => {
                 // Kill (if still running) and reap, whatever went wrong.
-                let _ = child.start_kill();
+                let _ = child.kill();
                 let status = child.wait().await;
                 if matches!(e, Error::Cancelled) {
                     tracing::warn!(pid, error = %e, ?status, "upgrade cancelled; the child was killed and reaped");
