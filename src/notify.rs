@@ -12,18 +12,31 @@ use crate::error::Error;
 /// usually lives on a tmpfs such as `/run`), and an `fsync` here would
 /// delay, by as long as the disk takes, the moment this generation starts
 /// accepting, while the previous one has already stopped.
+///
+/// For the same reason the file being replaced is kept open across the
+/// rename and closed on a thread of its own: when the rename drops its last
+/// link, the file system frees its blocks there and then, and on ext4
+/// mounted with `discard` that waits for the disk (1-2 ms measured here).
 pub(crate) fn write_pid_file(path: &Path) -> Result<(), Error> {
     let pid = std::process::id();
     let tmp = temp_path(path, pid);
+    let replaced = std::fs::File::open(path).ok();
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         writeln!(file, "{pid}")?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|e| {
+    let written = write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(format!("writing pid file {}", path.display()), e)
-    })
+    });
+    if let Some(replaced) = replaced {
+        // If the thread cannot start, the file is closed here instead.
+        let _ = std::thread::Builder::new()
+            .name("handover-pidfile".into())
+            .spawn(move || drop(replaced));
+    }
+    written
 }
 
 fn temp_path(path: &Path, pid: u32) -> PathBuf {
@@ -112,7 +125,12 @@ mod tests {
         std::fs::write(&path, "999999999\n").unwrap();
         assert!(!remove_pid_file_if_ours(&path).unwrap());
         assert!(path.exists());
+        // Replacing it (the replaced file is closed on another thread).
         write_pid_file(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
         assert!(remove_pid_file_if_ours(&path).unwrap());
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
