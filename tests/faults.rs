@@ -42,11 +42,14 @@ async fn wait_log(server: &Server, text: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_serving() {
     timeout(BOUND, async {
-        // Every generation warms up for 300 ms between taking its listener
-        // and saying it is ready: the window "adopted, not yet ready".
+        // Every generation warms up for 800 ms between taking its listener
+        // and saying it is ready: the window "adopted, not yet ready". The
+        // latest kill below comes 500 ms in, leaving 300 ms for this test
+        // to see the log line late on a loaded machine (with 50 ms to
+        // spare, a late look let the child become ready first).
         let server = Server::start_with(
             Deploy::new("killed"),
-            &["--ready-timeout", "5", "--warmup-ms", "300"],
+            &["--ready-timeout", "5", "--warmup-ms", "800"],
             &[],
         )
         .await;
@@ -73,7 +76,7 @@ async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_s
         // 2. After adopting, as it starts warming up; 3. late in the warm-up,
         // just before it would say ready.
         server.deploy.install_good();
-        for (i, delay_ms) in [0u64, 250].into_iter().enumerate() {
+        for (i, delay_ms) in [0u64, 500].into_iter().enumerate() {
             send_signal(old, "HUP");
             let child = pending_child(old).await;
             wait_log(&server, "warming up", 2 + i).await;

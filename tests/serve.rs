@@ -593,6 +593,9 @@ mod upgraded {
             assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "hi");
             assert_eq!(graceful.upgraded(), 1);
 
+            // Started here, not in the task: the socket must close after
+            // the drain has started, whenever the task first runs.
+            graceful.start_drain();
             let drain = tokio::spawn({
                 let graceful = graceful.clone();
                 async move { graceful.drain(Duration::from_secs(30)).await }
