@@ -98,8 +98,8 @@ pub struct Graceful {
 /// See [`Graceful::set_close_grace`].
 pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// The state every clone of a [`Graceful`], every guard and every signal
-/// points to.
+/// The state every clone of a [`Graceful`], every signal and every token
+/// points to (a request's guard holds only its [`RequestSide`]).
 pub(crate) struct Shared {
     /// In-flight requests. The count is also the reference count of what a
     /// request needs, so a request costs one atomic operation in and one
