@@ -249,6 +249,10 @@ pub(crate) fn spawn(
 }
 
 /// Blocks until `pid` exits, then reaps it while holding `reaped`.
+///
+/// The lock is never held while blocking, so `kill` always gets it at once:
+/// the wait happens first, without reaping (`WNOWAIT`), and only the
+/// non-blocking reap runs under the lock.
 fn reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> ExitStatus {
     loop {
         // SAFETY: `info` is written by `waitid` and not read; WNOWAIT
@@ -263,22 +267,27 @@ fn reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> ExitStatus {
                 libc::WEXITED | libc::WNOWAIT,
             )
         };
-        if waited == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
+        if waited == -1 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
         }
-    }
-    let mut slot = reaped.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut raw_status = 0;
-    loop {
+        let mut slot = reaped.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut raw_status = 0;
         // SAFETY: `raw_status` is a valid place for `waitpid` to write to.
-        let waited = unsafe { libc::waitpid(pid, &mut raw_status, 0) };
-        if waited == pid || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break;
+        let done = unsafe { libc::waitpid(pid, &mut raw_status, libc::WNOHANG) };
+        if done == pid
+            || (done == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
+        {
+            // Reaped; or reaped by someone else (a handler that reaps every
+            // child), which leaves no status to learn: reported as 0.
+            let status = ExitStatus::from_raw(raw_status);
+            *slot = Some(status);
+            return status;
         }
+        drop(slot);
+        // Still running although `waitid` returned (it should not): wait
+        // again rather than spin.
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let status = ExitStatus::from_raw(raw_status);
-    *slot = Some(status);
-    status
 }
 
 #[cfg(test)]
