@@ -162,12 +162,12 @@ pub(crate) fn spawn(
         .chain(std::iter::once(std::ptr::null_mut()))
         .collect();
 
-    // Each fd goes first to a number above every source and target, then
-    // to its place: placing one can never overwrite a source not yet
-    // placed, and `dup2` onto a different number clears `FD_CLOEXEC`.
+    // Each fd goes first to a spare number, then to its place: placing one
+    // can never overwrite a source not yet placed, and `dup2` onto a
+    // different number clears `FD_CLOEXEC`.
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let count = raw.len() as RawFd;
-    let spare = raw.iter().copied().max().unwrap_or(0).max(2 + count) + 1;
+    let spares = spare_fds(&raw);
 
     let mut setup = SpawnSetup::new()?;
     let mut pid: libc::pid_t = 0;
@@ -178,20 +178,16 @@ pub(crate) fn spawn(
     // `posix_spawn` only reads its arguments.
     unsafe {
         let actions = &mut setup.actions;
-        for (i, &fd) in raw.iter().enumerate() {
-            check(libc::posix_spawn_file_actions_adddup2(
-                actions,
-                fd,
-                spare + i as RawFd,
-            ))?;
+        for (&fd, &spare) in raw.iter().zip(&spares) {
+            check(libc::posix_spawn_file_actions_adddup2(actions, fd, spare))?;
         }
-        for i in 0..count {
+        for (i, &spare) in (0..count).zip(&spares) {
             check(libc::posix_spawn_file_actions_adddup2(
                 actions,
-                spare + i,
+                spare,
                 3 + i,
             ))?;
-            check(libc::posix_spawn_file_actions_addclose(actions, spare + i))?;
+            check(libc::posix_spawn_file_actions_addclose(actions, spare))?;
         }
         check(libc::posix_spawn_file_actions_addchdir_np(
             actions,
@@ -246,6 +242,21 @@ pub(crate) fn spawn(
         return Err(e);
     }
     Ok(child)
+}
+
+/// Numbers to park `sources` on in the child while they are laid out at
+/// 3, 4, …: the lowest ones past the targets that are not sources.
+///
+/// Low on purpose: a server near its fd limit has its sources at high
+/// numbers, and a number past all of them could be past the limit. A spare
+/// may be open in the child (a copy of one of this process's fds, all of
+/// which close at `exec`): `dup2` just replaces that copy.
+fn spare_fds(sources: &[RawFd]) -> Vec<RawFd> {
+    let first = 3 + sources.len() as RawFd;
+    (first..)
+        .filter(|fd| !sources.contains(fd))
+        .take(sources.len())
+        .collect()
 }
 
 /// Blocks until `pid` exits, then reaps it while holding `reaped`.
@@ -330,6 +341,16 @@ mod tests {
         // Reaped: a second wait says the same, and kill is a no-op.
         assert_eq!(child.wait().await.expect("status").code(), Some(7));
         child.kill().expect("no-op");
+    }
+
+    #[test]
+    fn spare_fds_are_low_and_clear_of_sources_and_targets() {
+        assert_eq!(spare_fds(&[]), Vec::<RawFd>::new());
+        // Sources inside the target range and past it.
+        assert_eq!(spare_fds(&[4, 3]), vec![5, 6]);
+        assert_eq!(spare_fds(&[5, 6, 9]), vec![7, 8, 10]);
+        // Sources high up (a server near its limit): spares stay low.
+        assert_eq!(spare_fds(&[1021, 1022, 1023]), vec![6, 7, 8]);
     }
 
     #[tokio::test]
