@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::{
-    Deploy, Load, Server, children_of, is_alive, processes_from, send_signal, wait_until,
+    Deploy, Load, Server, children_of, fd_count, is_alive, processes_from, send_signal, wait_until,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::timeout;
@@ -283,7 +283,15 @@ async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
         assert!(children_of(old).is_empty(), "no half-started child");
         assert_eq!(processes_from(&server.deploy.dir), vec![old]);
 
+        // Once the server has closed the connections it held (it must see
+        // each one end first), fds are free again and a restart works.
         drop(held);
+        wait_until(
+            "the held connections closed",
+            Duration::from_secs(20),
+            || fd_count(old) < 24,
+        )
+        .await;
         let new = server.restart().await;
         assert_ne!(new, old);
         server.stop().await;
