@@ -389,8 +389,10 @@ impl Graceful {
     }
 
     #[inline]
-    pub(crate) fn request_guard(&self, connection: Option<&Arc<AtomicUsize>>) -> RequestGuard {
-        RequestGuard::new(&self.shared, connection)
+    pub(crate) fn request_guard(&self) -> RequestGuard {
+        RequestGuard {
+            request: self.shared.requests.count_one(),
+        }
     }
 
     /// Resolves once the drain deadline has passed and what is left must be
@@ -504,27 +506,13 @@ impl Shared {
     }
 }
 
-/// Holds one request in the count (and in its connection's, when the
-/// serve loop tracks that); released on drop.
+/// Holds one request in the count; released on drop (one pointer, and one
+/// atomic operation each way).
 pub(crate) struct RequestGuard {
     request: Counted<RequestSide>,
-    connection: Option<Arc<AtomicUsize>>,
 }
 
 impl RequestGuard {
-    #[inline]
-    fn new(shared: &Shared, connection: Option<&Arc<AtomicUsize>>) -> Self {
-        let request = shared.requests.count_one();
-        let connection = connection.map(|busy| {
-            busy.fetch_add(1, Ordering::SeqCst);
-            busy.clone()
-        });
-        Self {
-            request,
-            connection,
-        }
-    }
-
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.request.is_draining()
@@ -533,16 +521,6 @@ impl RequestGuard {
     /// Resolves when the close grace has passed.
     pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
         self.request.close.clone().cancelled_owned()
-    }
-}
-
-impl Drop for RequestGuard {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(busy) = &self.connection {
-            busy.fetch_sub(1, Ordering::SeqCst);
-        }
-        // The request itself is released as `self.request` drops.
     }
 }
 

@@ -3,8 +3,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
@@ -149,7 +147,7 @@ impl<S> Layer<S> for GracefulLayer {
             inner,
             graceful: self.graceful.clone(),
             signal_extension: self.signal_extension,
-            connection: None,
+            upgrades_tracked: false,
         }
     }
 }
@@ -160,9 +158,9 @@ pub struct GracefulService<S> {
     inner: S,
     graceful: Graceful,
     signal_extension: bool,
-    /// Requests in progress on the one connection this clone serves, when
-    /// the serve loop wants to know (HTTP/1 drain: busy or idle).
-    connection: Option<Arc<AtomicUsize>>,
+    /// The serve loop tracks upgraded connections itself, so the signals
+    /// this service hands out count none (`ShutdownSignal::track_upgrade`).
+    upgrades_tracked: bool,
 }
 
 impl<S> GracefulService<S> {
@@ -191,9 +189,9 @@ impl<S> GracefulService<S> {
         self.inner
     }
 
-    /// This service, also counting its requests on `busy` (one connection's).
-    pub(crate) fn for_connection(mut self, busy: Arc<AtomicUsize>) -> Self {
-        self.connection = Some(busy);
+    /// This service, under a serve loop that tracks upgrades itself.
+    pub(crate) fn upgrades_tracked(mut self) -> Self {
+        self.upgrades_tracked = true;
         self
     }
 }
@@ -230,7 +228,7 @@ where
             .extensions()
             .get::<ShutdownSignal>()
             .is_some_and(|signal| signal.is_from(&self.graceful));
-        let guard = (!counted).then(|| self.graceful.request_guard(self.connection.as_ref()));
+        let guard = (!counted).then(|| self.graceful.request_guard());
         // Two calls, so that without the extension `req` moves straight
         // into the inner service instead of being copied around.
         let inner = if self.signal_extension && guard.is_some() {
@@ -250,7 +248,7 @@ where
 
 impl<S> GracefulService<S> {
     fn insert_signal<B>(&self, req: &mut Request<B>) {
-        let signal = self.graceful.signal_with(self.connection.is_some());
+        let signal = self.graceful.signal_with(self.upgrades_tracked);
         req.extensions_mut().insert(signal);
     }
 }

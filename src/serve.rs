@@ -331,7 +331,10 @@ async fn serve_connection<I, S, B>(
     let state = Arc::new(ConnState::default());
     let busy = Arc::new(AtomicUsize::new(0));
     let io = TokioIo::new(ConnIo::new(io, state.clone()));
-    let service = TowerToHyperService::new(service.for_connection(busy.clone()));
+    let service = TowerToHyperService::new(CountBusy {
+        inner: service.upgrades_tracked(),
+        busy: busy.clone(),
+    });
     // Driven in a block of its own, so the connection (and with it the IO,
     // unless upgraded) is dropped when the block ends.
     async {
@@ -376,6 +379,100 @@ async fn serve_connection<I, S, B>(
     }
     // Counted as an upgraded connection from now on, if it is one.
     drop(token);
+}
+
+/// Counts one connection's requests from `call` until the response body is
+/// dropped, so that the drain can tell a busy HTTP/1 connection from an idle
+/// one. hyper drops a response body as soon as it has written its end.
+///
+/// Kept out of [`GracefulService`], whose guard stays one pointer for every
+/// other server.
+#[derive(Clone)]
+struct CountBusy<S> {
+    inner: S,
+    busy: Arc<AtomicUsize>,
+}
+
+struct BusyGuard(Arc<AtomicUsize>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CountBusy<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<BusyBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BusyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        BusyFuture {
+            inner: self.inner.call(req),
+            guard: Some(BusyGuard(self.busy.clone())),
+        }
+    }
+}
+
+pin_project! {
+    struct BusyFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<BusyGuard>,
+    }
+}
+
+impl<F, B, E> Future for BusyFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<BusyBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(response.map(|inner| BusyBody {
+            inner,
+            _guard: guard,
+        })))
+    }
+}
+
+pin_project! {
+    struct BusyBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<BusyGuard>,
+    }
+}
+
+impl<B: Body> Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn log_end(result: Result<(), BoxError>) {
