@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::{
     Deploy, Load, Server, children_of, fd_count, is_alive, processes_from, send_signal, wait_until,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -286,6 +286,17 @@ async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
         // Once the server has closed the connections it held (it must see
         // each one end first), fds are free again and a restart works.
         drop(held);
+        // A request on a new connection is answered only after every
+        // connection queued before it has been accepted; once the server has
+        // also seen those end, its fds are free and a restart works.
+        let mut fresh = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        fresh
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        fresh.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         wait_until(
             "the held connections closed",
             Duration::from_secs(20),

@@ -52,12 +52,24 @@ async fn read_until_close(ws: &mut Ws) -> (Vec<String>, CloseCode, String) {
 }
 
 /// The `drain finished` line the generation logged, with its counts.
-fn drain_log(server: &Server) -> String {
-    let logs = server.log_text();
-    logs.lines()
-        .filter(|line| line.contains("drain finished"))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// The drain reports of the first `generations` generations, once all are
+/// in the log (an exited process's last lines may still be in the pipe).
+async fn drain_log(server: &Server, generations: usize) -> String {
+    let reports = || {
+        server
+            .log_text()
+            .lines()
+            .filter(|line| line.contains("drain finished"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "the drain reports in the log",
+        Duration::from_secs(20),
+        || reports().len() >= generations,
+    )
+    .await;
+    reports().join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +121,7 @@ async fn a_websocket_gets_every_echo_then_going_away_and_reconnects_to_the_new_g
             assert_eq!(echo.to_text().unwrap(), "again");
             load.wait_pid(new).await;
         }
-        let log = drain_log(&server);
+        let log = drain_log(&server, 3).await;
         assert_eq!(log.lines().count(), 3, "{log}");
         for line in log.lines() {
             assert!(
@@ -163,7 +175,7 @@ async fn a_hundred_idle_websockets_close_at_once_and_do_not_hold_the_drain() {
             assert_eq!(code, CloseCode::Away);
             assert_eq!(reason, format!("{old} is restarting"));
         }
-        let log = drain_log(&server);
+        let log = drain_log(&server, 1).await;
         assert!(
             log.contains("upgraded_finished=100") && log.contains("upgraded_forced=0"),
             "{log}"
@@ -214,7 +226,7 @@ async fn websocket_peers_that_ignore_close_are_forced_at_the_close_grace() {
             exited >= CLOSE_GRACE,
             "exited {exited:?} after the signal: before the close grace"
         );
-        let log = drain_log(&server);
+        let log = drain_log(&server, 1).await;
         assert!(
             log.contains("upgraded_finished=0") && log.contains("upgraded_forced=10"),
             "{log}"

@@ -326,7 +326,17 @@ impl Server {
     pub async fn restart(&self) -> u32 {
         let old = self.current_pid();
         send_signal(old, "HUP");
-        let new = self.wait_pid_file_change(Some(old)).await;
+        let Ok(new) = tokio::time::timeout(
+            Duration::from_secs(20),
+            self.wait_pid_file_change(Some(old)),
+        )
+        .await
+        else {
+            panic!(
+                "no new generation 20 s after SIGHUP; logs:\n{}",
+                self.log_text()
+            );
+        };
         wait_until("the old generation exits", Duration::from_secs(20), || {
             !is_alive(old)
         })
