@@ -116,13 +116,19 @@ async fn a_stopped_child_is_killed_at_the_ready_timeout_and_reaped() {
     timeout(BOUND, async {
         let server = Server::start_with(
             Deploy::new("stopped"),
-            &["--ready-timeout", "1", "--warmup-ms", "200"],
+            // 500 ms of warm-up leaves time to stop the child in it, well
+            // before it would be ready; 1 s is the ready timeout.
+            &["--ready-timeout", "1", "--warmup-ms", "500"],
             &[],
         )
         .await;
         let old = server.current_pid();
         send_signal(old, "HUP");
         let child = pending_child(old).await;
+        // Stopped once it runs the new binary (warming up): a child stopped
+        // between clone and exec would also stop the spawn call that waits
+        // for its exec, which no real deploy does.
+        wait_log(&server, "warming up", 2).await;
         send_signal(child, "STOP");
         wait_log(&server, "was not ready within 1s; it was killed", 1).await;
         assert!(!is_alive(child), "killed and reaped");
