@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use tokio::sync::watch;
 
@@ -66,6 +66,33 @@ impl Child {
         }
         Ok(())
     }
+}
+
+type AddChdir =
+    unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, *const libc::c_char) -> libc::c_int;
+
+/// `posix_spawn_file_actions_addchdir_np`, where the C library has it
+/// (glibc 2.29 and later, musl 1.1.24, macOS 10.15). Looked up at run time,
+/// as std does, so the crate still builds and runs against an older glibc
+/// (RHEL 8 has 2.28, Amazon Linux 2 has 2.26).
+fn addchdir() -> Option<AddChdir> {
+    static ADDCHDIR: OnceLock<Option<AddChdir>> = OnceLock::new();
+    *ADDCHDIR.get_or_init(|| {
+        // SAFETY: `dlsym` with RTLD_DEFAULT only looks a symbol up by its
+        // NUL-terminated name.
+        let found = unsafe {
+            libc::dlsym(
+                libc::RTLD_DEFAULT,
+                c"posix_spawn_file_actions_addchdir_np".as_ptr(),
+            )
+        };
+        if found.is_null() {
+            return None;
+        }
+        // SAFETY: where the C library defines this symbol, it is this
+        // function, with this signature.
+        Some(unsafe { std::mem::transmute::<*mut libc::c_void, AddChdir>(found) })
+    })
 }
 
 fn c_string(bytes: &OsStr, what: &str) -> io::Result<CString> {
@@ -189,10 +216,22 @@ pub(crate) fn spawn(
             ))?;
             check(libc::posix_spawn_file_actions_addclose(actions, spare))?;
         }
-        check(libc::posix_spawn_file_actions_addchdir_np(
-            actions,
-            dir.as_ptr(),
-        ))?;
+        // The child inherits our working directory; only a process that
+        // has changed it since it started needs to send the child back.
+        if std::env::current_dir().ok().as_deref() != Some(cwd) {
+            let addchdir = addchdir().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the working directory changed since start-up, and this C library \
+                         cannot start a child in {} (posix_spawn_file_actions_addchdir_np \
+                         needs glibc 2.29 or later)",
+                        cwd.display()
+                    ),
+                )
+            })?;
+            check(addchdir(actions, dir.as_ptr()))?;
+        }
 
         // As std's `Command`: an empty signal mask, and SIGPIPE back to its
         // default (the Rust runtime ignores it, and ignoring crosses exec).
