@@ -175,12 +175,7 @@ async fn broken_binaries_keep_the_old_generation_serving() {
         server.deploy.install_good();
         let new = server.restart().await;
         load.wait_pid(new).await;
-        let (ok, failed, _) = load.stop().await;
-        assert!(
-            failed.is_empty(),
-            "{} of {ok} requests failed: {failed:?}",
-            failed.len()
-        );
+        load.stop_all_answered().await;
         server.stop().await;
     })
     .await
@@ -197,11 +192,7 @@ async fn two_upgrade_signals_5ms_apart_make_exactly_one_new_generation() {
         if is_alive(old) {
             send_signal(old, "HUP");
         }
-        let new = server.wait_pid_file_change(Some(old)).await;
-        wait_until("the old generation exits", Duration::from_secs(20), || {
-            !is_alive(old)
-        })
-        .await;
+        let new = server.wait_handed_over(old).await;
         // Give a wrongly queued second upgrade the time to show itself.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
@@ -237,11 +228,7 @@ async fn an_upgrade_signal_during_an_upgrade_is_refused() {
                 .contains("an upgrade is already in progress")
         })
         .await;
-        let new = server.wait_pid_file_change(Some(old)).await;
-        wait_until("the old generation exits", Duration::from_secs(20), || {
-            !is_alive(old)
-        })
-        .await;
+        let new = server.wait_handed_over(old).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             processes_from(&server.deploy.dir),

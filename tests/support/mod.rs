@@ -326,14 +326,22 @@ impl Server {
     pub async fn restart(&self) -> u32 {
         let old = self.current_pid();
         send_signal(old, "HUP");
+        self.wait_handed_over(old).await
+    }
+
+    /// Waits until a new generation is in the pid file and `old` has
+    /// exited; returns the new pid. Says what the server logged if no new
+    /// generation comes.
+    pub async fn wait_handed_over(&self, old: u32) -> u32 {
+        // Just inside the wait's own 20 s, to say what the server logged.
         let Ok(new) = tokio::time::timeout(
-            Duration::from_secs(20),
+            Duration::from_secs(19),
             self.wait_pid_file_change(Some(old)),
         )
         .await
         else {
             panic!(
-                "no new generation 20 s after SIGHUP; logs:\n{}",
+                "no new generation 19 s after SIGHUP; logs:\n{}",
                 self.log_text()
             );
         };
@@ -505,6 +513,16 @@ impl Load {
         let failed = self.failed.lock().unwrap().clone();
         let pids = self.pids.lock().unwrap().clone();
         (self.ok.load(Ordering::Relaxed), failed, pids)
+    }
+
+    /// Stops the load and asserts that every request was answered.
+    pub async fn stop_all_answered(self) {
+        let (ok, failed, _) = self.stop().await;
+        assert!(
+            failed.is_empty(),
+            "{} of {ok} requests failed: {failed:?}",
+            failed.len()
+        );
     }
 }
 
