@@ -104,6 +104,15 @@ fn c_string(bytes: &OsStr, what: &str) -> io::Result<CString> {
     })
 }
 
+/// The pointers to `strings`, then a null pointer: `argv` / `envp`.
+fn null_terminated(strings: &[CString]) -> Vec<*mut libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr().cast_mut())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect()
+}
+
 /// Maps a `posix_spawn*` return code (an errno value, not `-1`).
 fn check(code: libc::c_int) -> io::Result<()> {
     if code == 0 {
@@ -178,16 +187,25 @@ pub(crate) fn spawn(
         envp_owned.push(c_string(&pair, "an environment variable")?);
     }
     let dir = c_string(cwd.as_os_str(), "the working directory")?;
-    let argv: Vec<*mut libc::c_char> = argv_owned
-        .iter()
-        .map(|s| s.as_ptr().cast_mut())
-        .chain(std::iter::once(std::ptr::null_mut()))
-        .collect();
-    let envp: Vec<*mut libc::c_char> = envp_owned
-        .iter()
-        .map(|s| s.as_ptr().cast_mut())
-        .chain(std::iter::once(std::ptr::null_mut()))
-        .collect();
+    let argv = null_terminated(&argv_owned);
+    let envp = null_terminated(&envp_owned);
+    // The child inherits our working directory; only a process that has
+    // changed it since it started needs to send the child back.
+    let chdir = if std::env::current_dir().ok().as_deref() == Some(cwd) {
+        None
+    } else {
+        Some(addchdir().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the working directory changed since start-up, and this C library \
+                     cannot start a child in {} (posix_spawn_file_actions_addchdir_np \
+                     needs glibc 2.29 or later)",
+                    cwd.display()
+                ),
+            )
+        })?)
+    };
 
     // Each fd goes first to a spare number, then to its place: placing one
     // can never overwrite a source not yet placed, and `dup2` onto a
@@ -216,20 +234,7 @@ pub(crate) fn spawn(
             ))?;
             check(libc::posix_spawn_file_actions_addclose(actions, spare))?;
         }
-        // The child inherits our working directory; only a process that
-        // has changed it since it started needs to send the child back.
-        if std::env::current_dir().ok().as_deref() != Some(cwd) {
-            let addchdir = addchdir().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!(
-                        "the working directory changed since start-up, and this C library \
-                         cannot start a child in {} (posix_spawn_file_actions_addchdir_np \
-                         needs glibc 2.29 or later)",
-                        cwd.display()
-                    ),
-                )
-            })?;
+        if let Some(addchdir) = chdir {
             check(addchdir(actions, dir.as_ptr()))?;
         }
 
