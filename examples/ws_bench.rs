@@ -140,7 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let signalled = Instant::now();
-    kill(pid, "TERM")?;
+    kill(pid, libc::SIGTERM)?;
     let mut last_closed = signalled;
     let mut away = 0;
     for reader in readers {
@@ -165,7 +165,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pid = server.pid().ok_or("no pid")?;
     let deaf = open(server.addr, o.connections).await?;
     let signalled = Instant::now();
-    kill(pid, "TERM")?;
+    kill(pid, libc::SIGTERM)?;
     let exited = wait_exit(pid, Duration::from_secs(60)).await;
     let took = exited - signalled;
     println!(

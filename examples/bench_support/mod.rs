@@ -42,13 +42,21 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends `signal` (`HUP`, `TERM`) to `pid`.
-pub fn kill(pid: u32, signal: &str) -> std::io::Result<bool> {
-    Ok(std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()?
-        .success())
+/// Sends `signal` (`libc::SIGHUP`, `libc::SIGTERM`) to `pid` with one
+/// `kill(2)`: no `kill` command to start, so the moment before the call is
+/// the moment the signal leaves. `Ok(false)` when `pid` is gone.
+#[allow(unsafe_code)]
+pub fn kill(pid: u32, signal: libc::c_int) -> std::io::Result<bool> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => Ok(false),
+        _ => Err(e),
+    }
 }
 
 /// `examples/hello` in release mode, built first under `cargo run`.
@@ -147,7 +155,7 @@ impl Hello {
     /// Ends the current generation with SIGTERM and waits for the first.
     pub async fn stop(mut self) {
         if let Some(pid) = self.pid() {
-            let _ = kill(pid, "TERM");
+            let _ = kill(pid, libc::SIGTERM);
             wait_exit(pid, Duration::from_secs(30)).await;
         }
         let _ = self.first.wait().await;
