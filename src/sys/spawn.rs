@@ -9,9 +9,10 @@
 //! `vfork`-style child that shares the parent's memory until `exec`, so the
 //! cost no longer grows with the server's size.
 //!
-//! Without `Command`, the child is reaped here too: a thread waits for it
-//! to exit without reaping it (`WNOWAIT`), so that until it is reaped its
-//! pid cannot be reused and [`Child::kill`] can never hit another process.
+//! Without `Command`, the child is reaped here too, only after it has
+//! exited (a pidfd says so, or a thread waits with `WNOWAIT`) and under the
+//! lock [`Child::kill`] takes: until it is reaped its pid cannot be reused,
+//! so `kill` can never hit another process.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -36,6 +37,24 @@ pub(crate) struct Child {
     /// signals a pid that was reaped (and may have been reused).
     reaped: Arc<Mutex<Option<ExitStatus>>>,
     exited: watch::Receiver<Option<ExitStatus>>,
+    #[cfg_attr(
+        not(test),
+        allow(dead_code, reason = "shown by Debug, checked by tests")
+    )]
+    reaper: Reaper,
+}
+
+/// What waits for a [`Child`] to exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaper {
+    /// A task of the runtime, woken by the child's pidfd.
+    #[cfg_attr(
+        not(target_os = "linux"),
+        allow(dead_code, reason = "pidfds are Linux's")
+    )]
+    Task,
+    /// A thread blocked in `waitid`.
+    Thread,
 }
 
 impl Child {
@@ -264,28 +283,88 @@ pub(crate) fn spawn(
 
     let reaped = Arc::new(Mutex::new(None));
     let (tell, exited) = watch::channel(None);
-    let reaper = {
-        let reaped = reaped.clone();
-        std::thread::Builder::new()
-            .name(format!("handover-reap-{pid}"))
-            .spawn(move || {
+    match start_reaper(pid, reaped.clone(), tell) {
+        Ok(reaper) => Ok(Child {
+            pid,
+            reaped,
+            exited,
+            reaper,
+        }),
+        Err(e) => {
+            // Nothing to reap it: end the child here rather than leave it
+            // unreaped.
+            // SAFETY: as in `Child::kill`: the child is not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            reap(pid, &reaped);
+            Err(e)
+        }
+    }
+}
+
+/// Reaps `pid` once it exits and sends its status on `tell`.
+///
+/// On Linux (5.3 and later), a task of the current runtime waits for the
+/// child's pidfd to become readable. It holds no thread, so once an upgrade
+/// has succeeded nothing of it can delay this process's exit: a thread
+/// blocked in `waitid` must be scheduled once more to die when the process
+/// exits, and on a loaded machine that held the old generation up to 8 ms
+/// after its last response. Elsewhere, or without pidfds or a runtime, a
+/// thread blocks in `waitid`.
+fn start_reaper(
+    pid: libc::pid_t,
+    reaped: Arc<Mutex<Option<ExitStatus>>>,
+    tell: watch::Sender<Option<ExitStatus>>,
+) -> io::Result<Reaper> {
+    #[cfg(target_os = "linux")]
+    if let Ok(runtime) = tokio::runtime::Handle::try_current()
+        && let Some(pidfd) = pidfd_open(pid)
+        && let Ok(pidfd) = readable_when_exited(pidfd)
+    {
+        runtime.spawn(async move {
+            // An error means the runtime is shutting down, and this
+            // process with it: the child is then left to init, as after a
+            // successful upgrade.
+            if pidfd.readable().await.is_ok() {
+                // Exited: `reap` returns at once.
                 let status = reap(pid, &reaped);
                 let _ = tell.send(Some(status));
-            })
-    };
-    let child = Child {
-        pid,
-        reaped: reaped.clone(),
-        exited,
-    };
-    if let Err(e) = reaper {
-        // No thread to reap it: end the child here rather than leave it
-        // unreaped.
-        let _ = child.kill();
-        reap(pid, &reaped);
-        return Err(e);
+            }
+        });
+        return Ok(Reaper::Task);
     }
-    Ok(child)
+    std::thread::Builder::new()
+        .name(format!("handover-reap-{pid}"))
+        .spawn(move || {
+            let status = reap(pid, &reaped);
+            let _ = tell.send(Some(status));
+        })?;
+    Ok(Reaper::Thread)
+}
+
+/// Registers `pidfd` with the current runtime, which reports it readable
+/// once the child has exited.
+#[cfg(target_os = "linux")]
+fn readable_when_exited(
+    pidfd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // tokio 1.54 deprecates this for `register_with_interest`, an unsafe
+    // function whose condition is that the fd stays open while registered;
+    // an `OwnedFd` that the `AsyncFd` owns does, and this crate still
+    // supports tokio from 1.40, which has only this one.
+    #[allow(deprecated)]
+    tokio::io::unix::AsyncFd::with_interest(pidfd, tokio::io::Interest::READABLE)
+}
+
+/// A pidfd for our child `pid` (`O_CLOEXEC`, as every pidfd), or `None`
+/// where the kernel has none (before 5.3) or a sandbox forbids it.
+#[cfg(target_os = "linux")]
+fn pidfd_open(pid: libc::pid_t) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: `fd` was just opened for us and nothing else owns it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Numbers to park `sources` on in the child while they are laid out at
@@ -432,6 +511,53 @@ mod tests {
             .expect("exits")
             .expect("status");
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn under_a_runtime_no_thread_waits_for_the_child() {
+        // A thread blocked in `waitid` for the next generation would have
+        // to be scheduled once more before the old generation could exit.
+        let mut child = spawn(
+            Path::new("/bin/sh"),
+            &["-c".into(), "exit 5".into()],
+            Path::new("/"),
+            &env(),
+            &[],
+        )
+        .expect("spawn");
+        assert_eq!(child.reaper, Reaper::Task);
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
+        assert_eq!(status.code(), Some(5));
+    }
+
+    #[test]
+    fn without_a_runtime_a_thread_reaps_the_child() {
+        let mut child = spawn(
+            Path::new("/bin/sh"),
+            &["-c".into(), "exit 6".into()],
+            Path::new("/"),
+            &env(),
+            &[],
+        )
+        .expect("spawn");
+        assert_eq!(child.reaper, Reaper::Thread);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let status = runtime
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await
+            })
+            .expect("exits")
+            .expect("status");
+        assert_eq!(status.code(), Some(6));
+        // Reaped: killing it now is a no-op, not a signal to a reused pid.
+        child.kill().expect("no-op");
     }
 
     #[test]
