@@ -324,10 +324,13 @@ fn start_reaper(
             // An error means the runtime is shutting down, and this
             // process with it: the child is then left to init, as after a
             // successful upgrade.
-            if pidfd.readable().await.is_ok() {
-                // Exited: `reap` returns at once.
-                let status = reap(pid, &reaped);
-                let _ = tell.send(Some(status));
+            while let Ok(mut ready) = pidfd.readable().await {
+                // Never blocks this worker, even on a spurious wake-up.
+                if let Some(status) = try_reap(pid, &reaped) {
+                    let _ = tell.send(Some(status));
+                    return;
+                }
+                ready.clear_ready();
             }
         });
         return Ok(Reaper::Task);
@@ -390,8 +393,8 @@ fn spare_fds(sources: &[RawFd]) -> Vec<RawFd> {
 fn reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> ExitStatus {
     loop {
         // SAFETY: `info` is written by `waitid` and not read; WNOWAIT
-        // leaves the child a zombie, so its pid stays ours until the
-        // `waitpid` below.
+        // leaves the child a zombie, so its pid stays ours until
+        // `try_reap` below reaps it.
         let mut info = MaybeUninit::<libc::siginfo_t>::zeroed();
         let waited = unsafe {
             libc::waitid(
@@ -404,24 +407,31 @@ fn reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> ExitStatus {
         if waited == -1 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
-        let mut slot = reaped.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut raw_status = 0;
-        // SAFETY: `raw_status` is a valid place for `waitpid` to write to.
-        let done = unsafe { libc::waitpid(pid, &mut raw_status, libc::WNOHANG) };
-        if done == pid
-            || (done == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
-        {
-            // Reaped; or reaped by someone else (a handler that reaps every
-            // child), which leaves no status to learn: reported as 0.
-            let status = ExitStatus::from_raw(raw_status);
-            *slot = Some(status);
+        if let Some(status) = try_reap(pid, reaped) {
             return status;
         }
-        drop(slot);
         // Still running although `waitid` returned (it should not): wait
         // again rather than spin.
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+}
+
+/// Reaps `pid` if it has exited, without blocking, holding `reaped`.
+fn try_reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> Option<ExitStatus> {
+    let mut slot = reaped.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut raw_status = 0;
+    // SAFETY: `raw_status` is a valid place for `waitpid` to write to.
+    let done = unsafe { libc::waitpid(pid, &mut raw_status, libc::WNOHANG) };
+    if done == pid
+        || (done == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
+    {
+        // Reaped; or reaped by someone else (a handler that reaps every
+        // child), which leaves no status to learn: reported as 0.
+        let status = ExitStatus::from_raw(raw_status);
+        *slot = Some(status);
+        return Some(status);
+    }
+    None
 }
 
 #[cfg(test)]
