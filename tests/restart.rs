@@ -212,7 +212,7 @@ async fn an_upgrade_signal_during_an_upgrade_is_refused() {
         let server = Server::start(Deploy::new("refused"), &[]).await;
         let old = server.current_pid();
         // The next generation takes 500 ms to start: the second signal
-        // surely arrives while the first upgrade waits for it.
+        // arrives while the first upgrade waits for it.
         let real = server.deploy.dir.join("hello.real");
         std::fs::copy(support::hello_binary(), &real).unwrap();
         server.deploy.install_script(&format!(
@@ -220,7 +220,15 @@ async fn an_upgrade_signal_during_an_upgrade_is_refused() {
             real.display()
         ));
         send_signal(old, "HUP");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Only once the first upgrade is under way: two SIGHUPs that arrive
+        // before the process handles the first are one signal to the kernel
+        // (standard signals do not queue), which a loaded machine can cause.
+        wait_until("the first upgrade starts", Duration::from_secs(20), || {
+            server
+                .log_text()
+                .contains("upgrade: starting the next generation")
+        })
+        .await;
         send_signal(old, "HUP");
         wait_until("the refusal is logged", Duration::from_secs(20), || {
             server
