@@ -67,24 +67,31 @@ impl Child {
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
         match self.exited.wait_for(Option::is_some).await {
             Ok(status) => Ok(status.expect("waited for Some")),
-            Err(_) => Err(io::Error::other("the thread that reaps the child is gone")),
+            Err(_) => Err(io::Error::other(
+                "what reaps the child is gone (its runtime shut down?)",
+            )),
         }
     }
 
     /// Sends `SIGKILL`, unless the child has been reaped already.
     pub(crate) fn kill(&self) -> io::Result<()> {
-        let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
-        if reaped.is_some() {
-            return Ok(());
-        }
-        // SAFETY: `kill` takes plain integers. `pid` is our child and is not
-        // reaped (checked under the lock the reaper holds while reaping), so
-        // it still names that child, running or a zombie.
-        if unsafe { libc::kill(self.pid, libc::SIGKILL) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        kill_unreaped(self.pid, &self.reaped)
     }
+}
+
+/// Sends `SIGKILL` to our child `pid`, unless `reaped` says it is reaped.
+fn kill_unreaped(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> io::Result<()> {
+    let reaped = reaped.lock().unwrap_or_else(PoisonError::into_inner);
+    if reaped.is_some() {
+        return Ok(());
+    }
+    // SAFETY: `kill` takes plain integers. `pid` is our child and is not
+    // reaped (checked under the lock the reaper holds while reaping), so it
+    // still names that child, running or a zombie.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 type AddChdir =
@@ -293,8 +300,7 @@ pub(crate) fn spawn(
         Err(e) => {
             // Nothing to reap it: end the child here rather than leave it
             // unreaped.
-            // SAFETY: as in `Child::kill`: the child is not reaped yet.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = kill_unreaped(pid, &reaped);
             reap(pid, &reaped);
             Err(e)
         }
@@ -443,6 +449,26 @@ mod tests {
         std::env::vars_os().collect()
     }
 
+    /// `/bin/sh -c script`, in `/`, with this process's environment.
+    fn sh(script: &str) -> Child {
+        spawn(
+            Path::new("/bin/sh"),
+            &["-c".into(), script.into()],
+            Path::new("/"),
+            &env(),
+            &[],
+        )
+        .expect("spawn")
+    }
+
+    /// The child's exit status, waited for at most 10 s.
+    async fn exit_status(child: &mut Child) -> ExitStatus {
+        tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+            .await
+            .expect("exits")
+            .expect("status")
+    }
+
     #[tokio::test]
     async fn places_fds_and_reports_the_exit_status() {
         // Two pipes whose write ends go to the child at 3 and 4 (given in
@@ -459,10 +485,7 @@ mod tests {
         )
         .expect("spawn");
         drop((w1, w2));
-        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-            .await
-            .expect("exits")
-            .expect("status");
+        let status = exit_status(&mut child).await;
         assert_eq!(status.code(), Some(7));
         let read = |r: &mut std::io::PipeReader| {
             let mut s = String::new();
@@ -472,7 +495,7 @@ mod tests {
         assert_eq!(read(&mut r2), "first\n");
         assert_eq!(read(&mut r1), "second\n");
         // Reaped: a second wait says the same, and kill is a no-op.
-        assert_eq!(child.wait().await.expect("status").code(), Some(7));
+        assert_eq!(exit_status(&mut child).await.code(), Some(7));
         child.kill().expect("no-op");
     }
 
@@ -498,7 +521,7 @@ mod tests {
         )
         .expect("spawn");
         drop(w);
-        child.wait().await.expect("status");
+        exit_status(&mut child).await;
         let mut s = String::new();
         std::io::Read::read_to_string(&mut r, &mut s).expect("read");
         let tmp = std::fs::canonicalize("/tmp").expect("tmp");
@@ -516,10 +539,7 @@ mod tests {
         )
         .expect("spawn");
         child.kill().expect("kill");
-        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-            .await
-            .expect("exits")
-            .expect("status");
+        let status = exit_status(&mut child).await;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 
@@ -528,43 +548,21 @@ mod tests {
     async fn under_a_runtime_no_thread_waits_for_the_child() {
         // A thread blocked in `waitid` for the next generation would have
         // to be scheduled once more before the old generation could exit.
-        let mut child = spawn(
-            Path::new("/bin/sh"),
-            &["-c".into(), "exit 5".into()],
-            Path::new("/"),
-            &env(),
-            &[],
-        )
-        .expect("spawn");
+        let mut child = sh("exit 5");
         assert_eq!(child.reaper, Reaper::Task);
-        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-            .await
-            .expect("exits")
-            .expect("status");
+        let status = exit_status(&mut child).await;
         assert_eq!(status.code(), Some(5));
     }
 
     #[test]
     fn without_a_runtime_a_thread_reaps_the_child() {
-        let mut child = spawn(
-            Path::new("/bin/sh"),
-            &["-c".into(), "exit 6".into()],
-            Path::new("/"),
-            &env(),
-            &[],
-        )
-        .expect("spawn");
+        let mut child = sh("exit 6");
         assert_eq!(child.reaper, Reaper::Thread);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let status = runtime
-            .block_on(async {
-                tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await
-            })
-            .expect("exits")
-            .expect("status");
+        let status = runtime.block_on(exit_status(&mut child));
         assert_eq!(status.code(), Some(6));
         // Reaped: killing it now is a no-op, not a signal to a reused pid.
         child.kill().expect("no-op");
