@@ -39,7 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 mod bench_support;
-use bench_support::{Hello, hello_binary, kill, wait_exit};
+use bench_support::{Hello, hello_binary, kill, ms, wait_exit};
 
 #[derive(Clone)]
 struct Options {
@@ -316,10 +316,6 @@ async fn steady_load(
         record.merge(t.await?);
     }
     Ok((record, elapsed))
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 #[tokio::main]

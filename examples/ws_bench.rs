@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 mod bench_support;
-use bench_support::{Hello, hello_binary, kill, rss_kib, wait_exit};
+use bench_support::{Hello, hello_binary, kill, ms, rss_kib, wait_exit};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -92,10 +92,6 @@ fn logged_drain_ms(server: &Hello) -> Option<f64> {
         .find_map(|f| f.strip_prefix("elapsed_ms="))?
         .parse()
         .ok()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 #[tokio::main]
