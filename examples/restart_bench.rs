@@ -20,7 +20,10 @@
 //! "The signal" is the moment just before the benchmark's own `kill(2)`
 //! call sends `SIGHUP`; "the new generation" is the pid that then appears
 //! in the pid file, and it counts as answering when the load client first
-//! gets a response from that pid.
+//! gets a response from that pid. Between a signal and the hand-over it
+//! starts, only the load runs: the thread that watches the old generation's
+//! exit is started before the signal, and the pid file is read after the
+//! hand-over, just before the next signal.
 //!
 //! A request that an HTTP/2 GOAWAY refused (RFC 9113 6.8 guarantees it was
 //! not processed) is sent again, as a conforming client may, and counted
@@ -39,7 +42,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 mod bench_support;
-use bench_support::{Hello, hello_binary, kill, ms, wait_exit};
+use bench_support::{Hello, hello_binary, kill, ms, watch_exit};
 
 #[derive(Clone)]
 struct Options {
@@ -318,6 +321,19 @@ async fn steady_load(
     Ok((record, elapsed))
 }
 
+/// The new generation of a `SIGHUP` sent to `old`: the pid the pid file
+/// names once it differs (within 10 s, else none).
+async fn new_generation(old: u32, read_pid: impl Fn() -> Option<u32>) -> Option<u32> {
+    let wait_from = Instant::now();
+    loop {
+        match read_pid() {
+            Some(pid) if pid != old => return Some(pid),
+            _ if wait_from.elapsed() > Duration::from_secs(10) => return None,
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
@@ -345,31 +361,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exits: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
     // (old pid, new pid once the pid file names it, when the signal left)
     let mut signals: Vec<(u32, Option<u32>, Instant)> = Vec::new();
+    // Nothing of the benchmark's own runs between a signal and the hand-over
+    // it starts, other than the load: the old generation's exit watcher is
+    // started before the signal, and the pid file is read for the new
+    // generation just before the next signal, not polled for meanwhile.
+    let mut pending: Option<(u32, Instant)> = None;
     let mut next = started + o.every;
     while next + o.every <= started + phase {
+        if let Some((old, sent)) = pending.take() {
+            signals.push((old, new_generation(old, read_pid).await, sent));
+        }
+        let Some(old) = read_pid() else {
+            tokio::time::sleep_until(next.into()).await;
+            next += o.every;
+            continue;
+        };
+        let exit = watch_exit(old, Duration::from_secs(60));
         tokio::time::sleep_until(next.into()).await;
         next += o.every;
-        let Some(old) = read_pid() else { continue };
         let sent = Instant::now();
         if !kill(old, libc::SIGHUP)? {
             continue;
         }
-        // Watch the old generation's exit at 0.2 ms resolution.
         let exits = exits.clone();
         tokio::spawn(async move {
-            let exit = wait_exit(old, Duration::from_secs(60)).await;
+            let exit = exit.exited().await;
             exits.lock().expect("exits").insert(old, exit);
         });
-        // The next signal goes to the new generation: wait until it exists.
-        let wait_from = Instant::now();
-        let new = loop {
-            match read_pid() {
-                Some(pid) if pid != old => break Some(pid),
-                _ if wait_from.elapsed() > Duration::from_secs(10) => break None,
-                _ => tokio::time::sleep(Duration::from_micros(200)).await,
-            }
-        };
-        signals.push((old, new, sent));
+        pending = Some((old, sent));
+    }
+    if let Some((old, sent)) = pending.take() {
+        signals.push((old, new_generation(old, read_pid).await, sent));
     }
     tokio::time::sleep_until((started + phase).into()).await;
     stop.store(true, Ordering::Relaxed);

@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 mod bench_support;
-use bench_support::{Hello, hello_binary, kill, ms, rss_kib, wait_exit};
+use bench_support::{Hello, hello_binary, kill, ms, rss_kib, watch_exit};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -135,6 +135,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
         })
         .collect();
+    let exit = watch_exit(pid, Duration::from_secs(60));
     let signalled = Instant::now();
     kill(pid, libc::SIGTERM)?;
     let mut last_closed = signalled;
@@ -144,7 +145,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         away += usize::from(was_away);
         last_closed = last_closed.max(at);
     }
-    let exited = wait_exit(pid, Duration::from_secs(60)).await;
+    let exited = exit.exited().await;
     let drained = last_closed - signalled;
     println!(
         "behaving clients: {away}/{} got Close 1001; signal -> last connection closed {:.1} ms, -> exit {:.1} ms (server's drain: {:.1} ms)",
@@ -160,9 +161,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = Hello::start(&hello, &dir, &args).await?;
     let pid = server.pid().ok_or("no pid")?;
     let deaf = open(server.addr, o.connections).await?;
+    let exit = watch_exit(pid, Duration::from_secs(60));
     let signalled = Instant::now();
     kill(pid, libc::SIGTERM)?;
-    let exited = wait_exit(pid, Duration::from_secs(60)).await;
+    let exited = exit.exited().await;
     let took = exited - signalled;
     println!(
         "clients ignoring Close: forced; signal -> exit {:.1} ms (close grace + {:.1} ms; server's drain: {:.1} ms)",

@@ -20,16 +20,30 @@ pub fn is_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Waits until `pid` has exited (or `limit` passed) and returns when it
-/// saw it go, on a thread of its own so that a busy runtime does not delay
-/// the observation: woken by a pidfd the moment the process exits (Linux
-/// 5.3 and later), else polling every 0.2 ms.
-pub async fn wait_exit(pid: u32, limit: Duration) -> Instant {
+/// Starts watching `pid` until it exits (or `limit` passes), on a thread
+/// of its own so that a busy runtime does not delay the observation: woken
+/// by a pidfd the moment the process exits (Linux 5.3 and later), else
+/// polling every 0.2 ms.
+///
+/// Start it before whatever ends the process: the thread is then created
+/// and parked before the moment being measured, not inside it, where it
+/// would take CPU from the processes being timed.
+pub fn watch_exit(pid: u32, limit: Duration) -> ExitWatch {
     let (tell, told) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let _ = tell.send(wait_exit_blocking(pid, limit));
     });
-    told.await.unwrap_or_else(|_| Instant::now())
+    ExitWatch(told)
+}
+
+/// A process being watched by [`watch_exit`].
+pub struct ExitWatch(tokio::sync::oneshot::Receiver<Instant>);
+
+impl ExitWatch {
+    /// When the process was seen gone (or the limit passed).
+    pub async fn exited(self) -> Instant {
+        self.0.await.unwrap_or_else(|_| Instant::now())
+    }
 }
 
 fn wait_exit_blocking(pid: u32, limit: Duration) -> Instant {
@@ -206,8 +220,9 @@ impl Hello {
     /// Ends the current generation with SIGTERM and waits for the first.
     pub async fn stop(mut self) {
         if let Some(pid) = self.pid() {
+            let exit = watch_exit(pid, Duration::from_secs(30));
             let _ = kill(pid, libc::SIGTERM);
-            wait_exit(pid, Duration::from_secs(30)).await;
+            exit.exited().await;
         }
         let _ = self.first.wait().await;
     }
