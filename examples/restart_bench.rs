@@ -115,12 +115,23 @@ fn pid_of(body: &[u8]) -> Option<u32> {
         .ok()
 }
 
+/// The longest a connect, or a request until its whole response, may take:
+/// past it, it counts as failed, so that a server that stops answering ends
+/// the run with a report instead of hanging it.
+const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
 async fn connect(addr: std::net::SocketAddr, h2: bool) -> Result<Sender, String> {
+    tokio::time::timeout(REQUEST_LIMIT, connect_now(addr, h2))
+        .await
+        .unwrap_or_else(|_| Err(format!("connect: nothing within {REQUEST_LIMIT:?}")))
+}
+
+async fn connect_now(addr: std::net::SocketAddr, h2: bool) -> Result<Sender, String> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -234,7 +245,10 @@ async fn client(
             }
         };
         let started = Instant::now();
-        match one(&mut sender).await {
+        let outcome = tokio::time::timeout(REQUEST_LIMIT, one(&mut sender))
+            .await
+            .unwrap_or_else(|_| Outcome::Failed(format!("no response within {REQUEST_LIMIT:?}")));
+        match outcome {
             Outcome::Answered(pid) => {
                 let now = Instant::now();
                 record.latencies_us.push(
@@ -446,6 +460,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         restart_rps / steady_rps
     );
 
+    let mut keep_dir = false;
+    if !steady.failed.is_empty() || !restarts.failed.is_empty() {
+        keep_dir = true;
+        let log = dir.join("hello.log");
+        std::fs::write(&log, server.logs.lock().expect("logs").join("\n"))?;
+        println!("hello's log (all generations): {}", log.display());
+    }
     server.stop().await;
 
     // Phase 3: steady, with Nagle's algorithm (TCP_NODELAY off).
@@ -461,7 +482,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         nagle_failed = !record.failed.is_empty();
         nagle.stop().await;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if !keep_dir {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     if !steady.failed.is_empty() || !restarts.failed.is_empty() || nagle_failed {
         return Err("some requests failed".into());
     }
