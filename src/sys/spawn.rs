@@ -287,6 +287,17 @@ pub(crate) fn spawn(
         ))?;
     }
     drop(setup);
+    // `posix_spawn` is a `vfork` here: this thread slept until the child
+    // called `exec`, and the child had its core meanwhile. Woken by that
+    // `exec`, this thread, having slept, is favoured by the scheduler and
+    // takes the core back while the child has hardly begun to start up; on
+    // a busy machine the child then waits out this thread's time slice (up
+    // to 2.3 ms seen with `perf sched`). Yielding once gives the core back
+    // to the child: in 18 alternating pairs of restart benchmark runs, the
+    // median time from signal to the new generation answering fell from
+    // 6.76 to 6.35 ms (means of the runs' medians), throughput unchanged.
+    #[cfg(target_os = "linux")]
+    std::thread::yield_now();
 
     let reaped = Arc::new(Mutex::new(None));
     let (tell, exited) = watch::channel(None);
