@@ -375,10 +375,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exits: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
     // (old pid, new pid once the pid file names it, when the signal left)
     let mut signals: Vec<(u32, Option<u32>, Instant)> = Vec::new();
-    // Nothing of the benchmark's own runs between a signal and the hand-over
-    // it starts, other than the load: the old generation's exit watcher is
-    // started before the signal, and the pid file is read for the new
-    // generation just before the next signal, not polled for meanwhile.
+    // The signal whose new generation is read just before the next signal
+    // (see the module's doc: nothing of ours runs during a hand-over).
     let mut pending: Option<(u32, Instant)> = None;
     let mut next = started + o.every;
     while next + o.every <= started + phase {
@@ -460,9 +458,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         restart_rps / steady_rps
     );
 
-    let mut keep_dir = false;
-    if !steady.failed.is_empty() || !restarts.failed.is_empty() {
-        keep_dir = true;
+    // Kept, with the temporary directory, to tell what went wrong.
+    let keep_log = !steady.failed.is_empty() || !restarts.failed.is_empty();
+    if keep_log {
         let log = dir.join("hello.log");
         std::fs::write(&log, server.logs.lock().expect("logs").join("\n"))?;
         println!("hello's log (all generations): {}", log.display());
@@ -482,10 +480,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         nagle_failed = !record.failed.is_empty();
         nagle.stop().await;
     }
-    if !keep_dir {
+    if !keep_log {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    if !steady.failed.is_empty() || !restarts.failed.is_empty() || nagle_failed {
+    if keep_log || nagle_failed {
         return Err("some requests failed".into());
     }
     Ok(())
