@@ -102,6 +102,14 @@ impl Listener for tokio::net::UnixListener {
 /// - after [`drain_timeout`](Serve::drain_timeout), what is left is closed
 ///   and counted as forced.
 ///
+/// A connection upgraded with HTTP/1.1 `Upgrade` (a WebSocket) stays
+/// counted until its upgraded IO is dropped, and is forced at the
+/// [`close_grace`](Serve::close_grace). WebSockets over HTTP/2 (RFC 8441
+/// extended CONNECT, which `axum::serve` offers with axum's `http2`
+/// feature) are not offered: such a tunnel is a stream inside its HTTP/2
+/// connection, with no IO of its own for the close grace to force, so
+/// clients open their WebSockets with HTTP/1.1 instead.
+///
 /// `.await` the returned builder to run it; it resolves to the
 /// [`DrainReport`] once this server has drained. Accept errors (such as
 /// running out of file descriptors) are logged and retried with a backoff,
@@ -250,6 +258,7 @@ where
             let service = GracefulService::new(service, graceful.clone());
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new());
+            // Extended CONNECT (RFC 8441) stays off: see the doc above.
             builder.http2().timer(TokioTimer::new());
             let builder = Arc::new(builder);
 

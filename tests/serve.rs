@@ -259,6 +259,60 @@ async fn http2_open_streams_finish_after_goaway_and_new_streams_go_nowhere() {
     .unwrap();
 }
 
+/// A WebSocket over HTTP/2 (RFC 8441) would be a stream inside its
+/// connection, with no IO of its own for the close grace to force; `serve`
+/// does not offer such tunnels, so clients open WebSockets with HTTP/1.1
+/// `Upgrade`, which the drain bounds.
+#[tokio::test]
+async fn http2_connections_offer_no_extended_connect_tunnels() {
+    timeout(BOUND, async {
+        let server = Server::start(Duration::from_secs(5), Duration::from_secs(20)).await;
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let mut conn = std::pin::pin!(conn);
+        // One request, with the connection driven alongside: the server's
+        // SETTINGS have been read once its response is in.
+        let response = tokio::select! {
+            response = sender.send_request(get_req("/")) => response.unwrap(),
+            ended = conn.as_mut() => panic!("the connection ended first: {ended:?}"),
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            !conn.is_extended_connect_protocol_enabled(),
+            "SETTINGS_ENABLE_CONNECT_PROTOCOL must not be offered"
+        );
+
+        let tunnel = Request::connect("/")
+            .header(HOST, "127.0.0.1")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let opened = tokio::select! {
+            response = sender.send_request(tunnel) => response,
+            ended = conn.as_mut() => panic!("the connection ended first: {ended:?}"),
+        };
+        assert!(
+            opened.as_ref().is_err() || !opened.as_ref().unwrap().status().is_success(),
+            "no tunnel is opened: {opened:?}"
+        );
+
+        // (A hyper client connection ends when the server's GOAWAY comes.)
+        drop(sender);
+        server.graceful.start_drain();
+        let ended = conn.await;
+        assert!(ended.is_ok(), "{ended:?}");
+        assert_eq!(server.calls.0.load(Ordering::SeqCst), 1, "only `GET /` ran");
+        let report = server.report().await;
+        assert!(report.is_clean(), "{report}");
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn streaming_response_started_before_the_drain_is_delivered_whole() {
     timeout(BOUND, async {
