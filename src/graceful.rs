@@ -249,6 +249,9 @@ impl Graceful {
     ///   writes fail from then on (when [`serve`](crate::serve) owns its
     ///   IO), and it counts as forced in the [`DrainReport`], so the drain
     ///   no longer waits for it;
+    /// - under [`serve`](crate::serve), an HTTP/2 connection that still
+    ///   carries a WebSocket (RFC 8441) is closed once its other requests
+    ///   are answered, and counts the same way;
     /// - a server-sent event stream (`text/event-stream`) that is waiting
     ///   for its next event ends there, cleanly, after its last whole event;
     /// - a gRPC response stream (`application/grpc`) that is waiting for its
@@ -367,6 +370,7 @@ impl Graceful {
     pub fn connection_token(&self) -> ConnectionToken {
         ConnectionToken {
             shared: self.shared.clone(),
+            finished: true,
         }
         .acquire()
     }
@@ -399,6 +403,12 @@ impl Graceful {
     /// closed.
     pub(crate) fn forced(&self) -> WaitForCancellationFutureOwned {
         self.shared.force.clone().cancelled_owned()
+    }
+
+    /// Resolves once the close grace has passed (or the deadline, if that
+    /// comes first).
+    pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
+        self.shared.requests.close.clone().cancelled_owned()
     }
 
     fn drain_started_at(&self) -> Instant {
@@ -531,6 +541,8 @@ impl RequestGuard {
 /// ends.
 pub struct ConnectionToken {
     shared: Arc<Shared>,
+    /// Counts as finished when dropped (not when the close grace forced it).
+    finished: bool,
 }
 
 impl ConnectionToken {
@@ -541,11 +553,24 @@ impl ConnectionToken {
             .fetch_add(1, Ordering::SeqCst);
         self
     }
+
+    /// Releases the connection as one the close grace forced for the
+    /// WebSockets it carried (over HTTP/2): it counts as upgraded and
+    /// forced in the report, not as a finished connection.
+    pub(crate) fn forced_at_close_grace(mut self) {
+        // Past the deadline, the drain has counted what was left itself.
+        if self.shared.force.is_cancelled() {
+            return;
+        }
+        // Counted before the release, which may end the drain.
+        self.shared.upgraded_forced.fetch_add(1, Ordering::SeqCst);
+        self.finished = false;
+    }
 }
 
 impl Drop for ConnectionToken {
     fn drop(&mut self) {
-        self.shared.release(&self.shared.connections);
+        self.shared.settle(&self.shared.connections, self.finished);
     }
 }
 
@@ -792,7 +817,9 @@ pub struct DrainReport {
     pub connections_forced: usize,
     /// Upgraded connections (WebSocket) that closed during the drain.
     pub upgraded_finished: usize,
-    /// Upgraded connections still open when the close grace passed, forced.
+    /// Upgraded connections still open when the close grace passed, forced
+    /// (with, under [`serve`](crate::serve), HTTP/2 connections closed then
+    /// for the WebSockets they carried).
     pub upgraded_forced: usize,
     /// Time from the start of the drain to its end.
     pub elapsed: Duration,

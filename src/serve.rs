@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -105,10 +105,13 @@ impl Listener for tokio::net::UnixListener {
 /// A connection upgraded with HTTP/1.1 `Upgrade` (a WebSocket) stays
 /// counted until its upgraded IO is dropped, and is forced at the
 /// [`close_grace`](Serve::close_grace). WebSockets over HTTP/2 (RFC 8441
-/// extended CONNECT, which `axum::serve` offers with axum's `http2`
-/// feature) are not offered: such a tunnel is a stream inside its HTTP/2
-/// connection, with no IO of its own for the close grace to force, so
-/// clients open their WebSockets with HTTP/1.1 instead.
+/// extended CONNECT, offered as `axum::serve` offers them; axum's `http2`
+/// feature and an `any` route accept them) are streams inside their
+/// connection, which stays counted as a connection while they are open: a
+/// handler that watches the [`ShutdownSignal`](crate::ShutdownSignal) ends
+/// them, and at the close grace a connection that still carries one, once
+/// its other requests are answered, is closed and counts as upgraded and
+/// forced.
 ///
 /// `.await` the returned builder to run it; it resolves to the
 /// [`DrainReport`] once this server has drained. Accept errors (such as
@@ -258,8 +261,12 @@ where
             let service = GracefulService::new(service, graceful.clone());
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new());
-            // Extended CONNECT (RFC 8441) stays off: see the doc above.
-            builder.http2().timer(TokioTimer::new());
+            // Extended CONNECT (RFC 8441): WebSockets over HTTP/2, as
+            // `axum::serve` offers them.
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .enable_connect_protocol();
             let builder = Arc::new(builder);
 
             let mut drain = pin!(graceful.signal().draining());
@@ -338,34 +345,43 @@ async fn serve_connection<I, S, B>(
     B::Error: Into<BoxError>,
 {
     let state = Arc::new(ConnState::default());
-    let busy = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(Busy::default());
     let io = TokioIo::new(ConnIo::new(io, state.clone()));
     let service = TowerToHyperService::new(CountBusy {
         inner: service.upgrades_tracked(),
         busy: busy.clone(),
     });
     // Driven in a block of its own, so the connection (and with it the IO,
-    // unless upgraded) is dropped when the block ends.
-    async {
+    // unless upgraded) is dropped when the block ends. It says whether the
+    // close grace forced the connection for its HTTP/2 tunnels.
+    let tunnels_forced = async {
         let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
         let mut drain = pin!(graceful.signal().draining());
         let mut forced = pin!(graceful.forced());
 
         tokio::select! {
-            result = conn.as_mut() => return log_end(result),
+            result = conn.as_mut() => {
+                log_end(result);
+                return false;
+            }
             () = &mut drain => {}
         }
-        if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.load(Ordering::SeqCst) == 0
-        {
+        if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.is_idle() {
             // An idle HTTP/1 connection (or one that has sent nothing yet):
             // its client may have a request on the wire that closing now
             // would reset. Give it the grace; a request that arrives in it
             // is served with `Connection: close`, after which hyper closes
             // by itself.
             tokio::select! {
-                result = conn.as_mut() => return log_end(result),
+                result = conn.as_mut() => {
+                    log_end(result);
+                    return false;
+                }
                 () = tokio::time::sleep(idle_grace) => {}
-                _ = &mut forced => return tracing::debug!("connection forced closed"),
+                _ = &mut forced => {
+                    tracing::debug!("connection forced closed");
+                    return false;
+                }
             }
         }
         // HTTP/2: GOAWAY now, open streams finish. HTTP/1 busy at drain
@@ -376,9 +392,45 @@ async fn serve_connection<I, S, B>(
         tokio::select! {
             result = conn.as_mut() => log_end(result),
             _ = &mut forced => tracing::debug!("connection forced closed"),
+            () = tunnels_outlive_close_grace(&graceful, &busy) => {
+                // WebSockets over HTTP/2 still open at the close grace, and
+                // no other request in progress: the connection is closed,
+                // as the IO of an upgraded HTTP/1 connection would be. First
+                // it writes what it has queued (the end of the responses
+                // just finished), as far as its socket takes it.
+                let flushed = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                    Poll::Ready(result) => Poll::Ready(Some(result)),
+                    Poll::Pending if state.write_blocked.load(Ordering::Relaxed) => Poll::Pending,
+                    Poll::Pending => Poll::Ready(None),
+                });
+                tokio::select! {
+                    biased;
+                    // The deadline came too: it counts this connection.
+                    _ = &mut forced => {
+                        tracing::debug!("connection forced closed");
+                        return false;
+                    }
+                    ended = flushed => if let Some(result) = ended {
+                        log_end(result);
+                        return false;
+                    },
+                }
+                tracing::debug!("HTTP/2 tunnels forced closed at the close grace");
+                state.force();
+                tokio::select! {
+                    result = conn.as_mut() => log_end(result),
+                    _ = &mut forced => {}
+                }
+                return true;
+            }
         }
+        false
     }
     .await;
+    if tunnels_forced {
+        token.forced_at_close_grace();
+        return;
+    }
     if Arc::strong_count(&state) > 1 {
         // Upgraded: hyper handed the IO to the handler (a WebSocket task).
         // It stays counted, and forced at the close grace, until that IO is
@@ -390,23 +442,77 @@ async fn serve_connection<I, S, B>(
     drop(token);
 }
 
+/// Resolves once the close grace has passed, no request is in progress on
+/// the connection, and it has opened an HTTP/2 tunnel (an extended CONNECT
+/// answered with 2xx: a WebSocket over HTTP/2). Called after GOAWAY, so no
+/// request starts after it; an open connection then holds tunnels only.
+async fn tunnels_outlive_close_grace(graceful: &Graceful, busy: &Busy) {
+    graceful.closing().await;
+    busy.idle().await;
+    // A tunnel is marked before its request stops counting as busy.
+    if !busy.tunnels.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One connection's requests in progress, and whether it has opened an
+/// HTTP/2 tunnel.
+#[derive(Default)]
+struct Busy {
+    count: AtomicUsize,
+    /// An extended CONNECT (RFC 8441) was answered with 2xx: hyper handed
+    /// the stream to the handler, and it may stay open as long as the
+    /// handler keeps it.
+    tunnels: AtomicBool,
+    /// Someone waits in [`idle`](Busy::idle): a release to zero wakes it.
+    /// Only then, so that the common release costs no lock.
+    watched: AtomicBool,
+    became_idle: tokio::sync::Notify,
+}
+
+impl Busy {
+    fn is_idle(&self) -> bool {
+        self.count.load(Ordering::SeqCst) == 0
+    }
+
+    /// Resolves when no request is in progress.
+    async fn idle(&self) {
+        self.watched.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.became_idle.notified();
+            let mut notified = pin!(notified);
+            // Registered before the count is read: a release in between
+            // still wakes us.
+            notified.as_mut().enable();
+            if self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Counts one connection's requests from `call` until the response body is
 /// dropped, so that the drain can tell a busy HTTP/1 connection from an idle
-/// one. hyper drops a response body as soon as it has written its end.
+/// one. hyper drops a response body as soon as it has written its end (and
+/// at once after a 2xx to a CONNECT, whose stream it hands to the handler).
 ///
 /// Kept out of [`GracefulService`], whose guard stays one pointer for every
 /// other server.
 #[derive(Clone)]
 struct CountBusy<S> {
     inner: S,
-    busy: Arc<AtomicUsize>,
+    busy: Arc<Busy>,
 }
 
-struct BusyGuard(Arc<AtomicUsize>);
+struct BusyGuard(Arc<Busy>);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let busy = &*self.0;
+        if busy.count.fetch_sub(1, Ordering::SeqCst) == 1 && busy.watched.load(Ordering::SeqCst) {
+            busy.became_idle.notify_waiters();
+        }
     }
 }
 
@@ -423,10 +529,14 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        self.busy.fetch_add(1, Ordering::SeqCst);
+        self.busy.count.fetch_add(1, Ordering::SeqCst);
+        // Only HTTP/2 carries `:protocol`, and only with extended CONNECT.
+        let tunnel = req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
         BusyFuture {
             inner: self.inner.call(req),
             guard: Some(BusyGuard(self.busy.clone())),
+            tunnel,
         }
     }
 }
@@ -436,6 +546,7 @@ pin_project! {
         #[pin]
         inner: F,
         guard: Option<BusyGuard>,
+        tunnel: bool,
     }
 }
 
@@ -449,6 +560,12 @@ where
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(cx))?;
         let guard = this.guard.take();
+        if *this.tunnel
+            && response.status().is_success()
+            && let Some(guard) = &guard
+        {
+            guard.0.tunnels.store(true, Ordering::SeqCst);
+        }
         Poll::Ready(Ok(response.map(|inner| BusyBody {
             inner,
             _guard: guard,
@@ -511,6 +628,9 @@ struct ConnState {
     protocol: AtomicU8,
     /// The close grace forced this (upgraded) connection: IO fails.
     forced: AtomicBool,
+    /// The last write or flush found the socket full (read by the task
+    /// that writes).
+    write_blocked: AtomicBool,
     /// Who to wake when forced: the tasks blocked reading and writing
     /// (the two halves of a split WebSocket may be in different tasks).
     read_waker: Mutex<Option<Waker>>,
@@ -525,6 +645,7 @@ impl Default for ConnState {
         Self {
             protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
             forced: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
             read_waker: Mutex::new(None),
             write_waker: Mutex::new(None),
             upgrade: OnceLock::new(),
@@ -535,6 +656,13 @@ impl Default for ConnState {
 impl ConnState {
     fn is_forced(&self) -> bool {
         self.forced.load(Ordering::SeqCst)
+    }
+
+    /// Notes whether a write or flush is waiting for the socket.
+    fn note_write<T>(&self, poll: Poll<T>) -> Poll<T> {
+        self.write_blocked
+            .store(poll.is_pending(), Ordering::Relaxed);
+        poll
     }
 
     /// Wakes `slot`'s owner on `force`; then says whether forced already,
@@ -650,13 +778,15 @@ impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let state = &**this.state;
-        unless_forced!(state, write_waker, cx, this.inner.poll_write(cx, buf))
+        let poll = unless_forced!(state, write_waker, cx, this.inner.poll_write(cx, buf));
+        state.note_write(poll)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let state = &**this.state;
-        unless_forced!(state, write_waker, cx, this.inner.poll_flush(cx))
+        let poll = unless_forced!(state, write_waker, cx, this.inner.poll_flush(cx));
+        state.note_write(poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -674,12 +804,13 @@ impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let state = &**this.state;
-        unless_forced!(
+        let poll = unless_forced!(
             state,
             write_waker,
             cx,
             this.inner.poll_write_vectored(cx, bufs)
-        )
+        );
+        state.note_write(poll)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -259,60 +259,6 @@ async fn http2_open_streams_finish_after_goaway_and_new_streams_go_nowhere() {
     .unwrap();
 }
 
-/// A WebSocket over HTTP/2 (RFC 8441) would be a stream inside its
-/// connection, with no IO of its own for the close grace to force; `serve`
-/// does not offer such tunnels, so clients open WebSockets with HTTP/1.1
-/// `Upgrade`, which the drain bounds.
-#[tokio::test]
-async fn http2_connections_offer_no_extended_connect_tunnels() {
-    timeout(BOUND, async {
-        let server = Server::start(Duration::from_secs(5), Duration::from_secs(20)).await;
-        let stream = TcpStream::connect(server.addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        let mut conn = std::pin::pin!(conn);
-        // One request, with the connection driven alongside: the server's
-        // SETTINGS have been read once its response is in.
-        let response = tokio::select! {
-            response = sender.send_request(get_req("/")) => response.unwrap(),
-            ended = conn.as_mut() => panic!("the connection ended first: {ended:?}"),
-        };
-        assert_eq!(response.status(), StatusCode::OK);
-        assert!(
-            !conn.is_extended_connect_protocol_enabled(),
-            "SETTINGS_ENABLE_CONNECT_PROTOCOL must not be offered"
-        );
-
-        let tunnel = Request::connect("/")
-            .header(HOST, "127.0.0.1")
-            .extension(hyper::ext::Protocol::from_static("websocket"))
-            .header("sec-websocket-version", "13")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let opened = tokio::select! {
-            response = sender.send_request(tunnel) => response,
-            ended = conn.as_mut() => panic!("the connection ended first: {ended:?}"),
-        };
-        assert!(
-            opened.as_ref().is_err() || !opened.as_ref().unwrap().status().is_success(),
-            "no tunnel is opened: {opened:?}"
-        );
-
-        // (A hyper client connection ends when the server's GOAWAY comes.)
-        drop(sender);
-        server.graceful.start_drain();
-        let ended = conn.await;
-        assert!(ended.is_ok(), "{ended:?}");
-        assert_eq!(server.calls.0.load(Ordering::SeqCst), 1, "only `GET /` ran");
-        let report = server.report().await;
-        assert!(report.is_clean(), "{report}");
-    })
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn streaming_response_started_before_the_drain_is_delivered_whole() {
     timeout(BOUND, async {
@@ -541,13 +487,18 @@ mod upgraded {
     //! WebSocket connections, upgraded through axum, under the serve loop
     //! and under `axum::serve` with an `UpgradeToken`.
     use super::*;
-    use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+    use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
     use axum::response::Response;
+    use axum::routing::any;
     use axum::{Extension, Router};
     use futures_util::{SinkExt, StreamExt};
     use handover::ShutdownSignal;
+    use hyper::upgrade::Upgraded;
     use tokio::sync::mpsc;
+    use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message as ClientMessage;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     /// A naive echo that never looks at the drain signal; reports how its
     /// socket ended.
@@ -576,7 +527,264 @@ mod upgraded {
                 ended.send(end).unwrap();
             })
         }
-        Router::new().route("/ws", get(ws)).layer(Extension(ended))
+        // `any`: a WebSocket over HTTP/2 is a CONNECT, not a GET.
+        Router::new().route("/ws", any(ws)).layer(Extension(ended))
+    }
+
+    /// An echo that says goodbye (Close 1001) when the drain starts, then
+    /// waits for the client's Close.
+    async fn polite_ws(
+        upgrade: WebSocketUpgrade,
+        Extension(shutdown): Extension<ShutdownSignal>,
+    ) -> Response {
+        upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    message = socket.recv() => match message {
+                        Some(Ok(Message::Text(t))) => {
+                            if socket.send(Message::Text(t)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return,
+                    },
+                    () = shutdown.draining() => break,
+                }
+            }
+            let close = CloseFrame {
+                code: close_code::AWAY,
+                reason: "restarting".into(),
+            };
+            if socket.send(Message::Close(Some(close))).await.is_ok() {
+                while let Some(Ok(_)) = socket.recv().await {}
+            }
+        })
+    }
+
+    type H2Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+    /// An HTTP/2 connection to `addr` and a WebSocket over it (RFC 8441),
+    /// with the sender for more requests on the same connection.
+    async fn h2_websocket(
+        addr: SocketAddr,
+    ) -> (
+        H2Ws,
+        hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+        JoinHandle<Result<(), hyper::Error>>,
+    ) {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let mut conn = Box::pin(conn);
+        // The server's SETTINGS come before its first response.
+        let response = tokio::select! {
+            response = sender.send_request(get_req("/")) => response.unwrap(),
+            ended = conn.as_mut() => panic!("the connection ended first: {ended:?}"),
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            conn.is_extended_connect_protocol_enabled(),
+            "SETTINGS_ENABLE_CONNECT_PROTOCOL is offered"
+        );
+        let conn = tokio::spawn(conn);
+        let request = Request::connect("/ws")
+            .header(HOST, "127.0.0.1")
+            .header("sec-websocket-version", "13")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let mut response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        (ws, sender, conn)
+    }
+
+    async fn echo_once(ws: &mut H2Ws, text: &str) {
+        ws.send(ClientMessage::text(text)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), text);
+    }
+
+    async fn sleep(Path(ms): Path<u64>) -> String {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        format!("slept {ms}")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_over_http2_says_goodbye_at_the_drain_and_its_connection_finishes() {
+        timeout(BOUND, async {
+            const CLOSE_GRACE: Duration = Duration::from_secs(5);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let app = Router::new()
+                .route("/", get(|| async { "hello" }))
+                .route("/ws", any(polite_ws));
+            let serve = handover::serve(listener, app, &graceful)
+                .close_grace(CLOSE_GRACE)
+                .drain_timeout(Duration::from_secs(30));
+            let server = tokio::spawn(serve.into_future());
+
+            let (mut ws, sender, conn) = h2_websocket(addr).await;
+            echo_once(&mut ws, "hi").await;
+            // Inside its HTTP/2 connection: counted as that connection.
+            assert_eq!((graceful.connections(), graceful.upgraded()), (1, 0));
+
+            let started = Instant::now();
+            graceful.start_drain();
+            match ws.next().await {
+                Some(Ok(ClientMessage::Close(Some(frame)))) => {
+                    assert_eq!(frame.code, CloseCode::Away);
+                }
+                other => panic!("expected the server's Close, got {other:?}"),
+            }
+            // tungstenite answers the Close; then the stream ends.
+            while let Some(next) = ws.next().await {
+                assert!(!matches!(next, Ok(ClientMessage::Text(_))), "{next:?}");
+            }
+            drop(sender);
+            let ended = conn.await.unwrap();
+            assert!(ended.is_ok(), "GOAWAY, then a clean end: {ended:?}");
+            let report = server.await.unwrap().unwrap();
+            assert!(report.is_clean(), "{report}");
+            assert_eq!(report.connections_finished, 1, "{report}");
+            assert!(
+                started.elapsed() < CLOSE_GRACE,
+                "it did not wait for the close grace: {report}"
+            );
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websockets_over_http2_that_ignore_the_drain_are_forced_at_the_close_grace() {
+        timeout(BOUND, async {
+            const CLOSE_GRACE: Duration = Duration::from_millis(300);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let (ended_tx, mut ended) = mpsc::unbounded_channel();
+            let app = naive_echo(ended_tx).route("/", get(|| async { "hello" }));
+            let serve = handover::serve(listener, app, &graceful)
+                .close_grace(CLOSE_GRACE)
+                .drain_timeout(Duration::from_secs(30));
+            let server = tokio::spawn(serve.into_future());
+
+            // Two WebSockets on one connection; the client then goes quiet
+            // and the handlers ignore the drain.
+            let (mut ws, mut sender, conn) = h2_websocket(addr).await;
+            echo_once(&mut ws, "hi").await;
+            let request = Request::connect("/ws")
+                .header(HOST, "127.0.0.1")
+                .header("sec-websocket-version", "13")
+                .extension(hyper::ext::Protocol::from_static("websocket"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let mut response = sender.send_request(request).await.unwrap();
+            let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+            let mut second =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+            echo_once(&mut second, "there").await;
+
+            let started = Instant::now();
+            graceful.start_drain();
+            for _ in 0..2 {
+                let end = ended.recv().await.unwrap();
+                assert!(
+                    end.starts_with("recv error"),
+                    "the blocked read fails: {end}"
+                );
+            }
+            let took = started.elapsed();
+            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
+            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            let report = server.await.unwrap().unwrap();
+            assert_eq!(
+                (
+                    report.connections_finished,
+                    report.connections_forced,
+                    report.upgraded_forced
+                ),
+                (0, 0, 1),
+                "the connection counts as upgraded and forced: {report}"
+            );
+            assert!(report.elapsed < CLOSE_GRACE * 10, "{report}");
+            // The client's connection is gone, without a Close handshake.
+            assert!(!matches!(ws.next().await, Some(Ok(ClientMessage::Text(_)))));
+            let _ = conn.await.unwrap();
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http2_connection_with_a_websocket_finishes_its_other_requests_before_it_is_forced()
+    {
+        timeout(BOUND, async {
+            const CLOSE_GRACE: Duration = Duration::from_millis(200);
+            const SLOW_MS: u64 = 1000;
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let (ended_tx, mut ended) = mpsc::unbounded_channel();
+            let app = naive_echo(ended_tx)
+                .route("/", get(|| async { "hello" }))
+                .route("/sleep/{ms}", get(sleep));
+            let serve = handover::serve(listener, app, &graceful)
+                .close_grace(CLOSE_GRACE)
+                .drain_timeout(Duration::from_secs(30));
+            let server = tokio::spawn(serve.into_future());
+
+            let (mut ws, mut sender, conn) = h2_websocket(addr).await;
+            echo_once(&mut ws, "hi").await;
+            let slow = tokio::spawn(async move {
+                let response = sender
+                    .send_request(get_req(&format!("/sleep/{SLOW_MS}")))
+                    .await
+                    .unwrap();
+                response.into_body().collect().await.unwrap().to_bytes()
+            });
+            while graceful.in_flight() < 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+
+            let started = Instant::now();
+            graceful.start_drain();
+            assert_eq!(
+                slow.await.unwrap(),
+                format!("slept {SLOW_MS}"),
+                "the request in progress is not cut at the close grace"
+            );
+            let end = ended.recv().await.unwrap();
+            let took = started.elapsed();
+            assert!(
+                end.starts_with("recv error"),
+                "then the WebSocket is forced: {end}"
+            );
+            assert!(
+                took < Duration::from_millis(SLOW_MS) * 5,
+                "forced after {took:?}"
+            );
+            let report = server.await.unwrap().unwrap();
+            assert_eq!(
+                (
+                    report.requests_finished,
+                    report.requests_forced,
+                    report.upgraded_forced
+                ),
+                (1, 0, 1),
+                "{report}"
+            );
+            drop(ws);
+            let _ = conn.await.unwrap();
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
