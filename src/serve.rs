@@ -396,24 +396,19 @@ async fn serve_connection<I, S, B>(
                 // WebSockets over HTTP/2 still open at the close grace, and
                 // no other request in progress: the connection is closed,
                 // as the IO of an upgraded HTTP/1 connection would be. First
-                // it writes what it has queued (the end of the responses
-                // just finished), as far as its socket takes it.
-                let flushed = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-                    Poll::Ready(result) => Poll::Ready(Some(result)),
-                    Poll::Pending if state.write_blocked.load(Ordering::Relaxed) => Poll::Pending,
-                    Poll::Pending => Poll::Ready(None),
+                // it is polled once more, so that it writes what it has
+                // queued (the end of the responses just finished) as far
+                // as its socket takes it at once; a client that has stopped
+                // reading does not hold it.
+                let polled = std::future::poll_fn(|cx| {
+                    Poll::Ready(match conn.as_mut().poll(cx) {
+                        Poll::Ready(result) => Some(result),
+                        Poll::Pending => None,
+                    })
                 });
-                tokio::select! {
-                    biased;
-                    // The deadline came too: it counts this connection.
-                    _ = &mut forced => {
-                        tracing::debug!("connection forced closed");
-                        return false;
-                    }
-                    ended = flushed => if let Some(result) = ended {
-                        log_end(result);
-                        return false;
-                    },
+                if let Some(result) = polled.await {
+                    log_end(result);
+                    return false;
                 }
                 tracing::debug!("HTTP/2 tunnels forced closed at the close grace");
                 state.force();
@@ -628,9 +623,6 @@ struct ConnState {
     protocol: AtomicU8,
     /// The close grace forced this (upgraded) connection: IO fails.
     forced: AtomicBool,
-    /// The last write or flush found the socket full (read by the task
-    /// that writes).
-    write_blocked: AtomicBool,
     /// Who to wake when forced: the tasks blocked reading and writing
     /// (the two halves of a split WebSocket may be in different tasks).
     read_waker: Mutex<Option<Waker>>,
@@ -645,7 +637,6 @@ impl Default for ConnState {
         Self {
             protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
             forced: AtomicBool::new(false),
-            write_blocked: AtomicBool::new(false),
             read_waker: Mutex::new(None),
             write_waker: Mutex::new(None),
             upgrade: OnceLock::new(),
@@ -656,13 +647,6 @@ impl Default for ConnState {
 impl ConnState {
     fn is_forced(&self) -> bool {
         self.forced.load(Ordering::SeqCst)
-    }
-
-    /// Notes whether a write or flush is waiting for the socket.
-    fn note_write<T>(&self, poll: Poll<T>) -> Poll<T> {
-        self.write_blocked
-            .store(poll.is_pending(), Ordering::Relaxed);
-        poll
     }
 
     /// Wakes `slot`'s owner on `force`; then says whether forced already,
@@ -778,15 +762,13 @@ impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let state = &**this.state;
-        let poll = unless_forced!(state, write_waker, cx, this.inner.poll_write(cx, buf));
-        state.note_write(poll)
+        unless_forced!(state, write_waker, cx, this.inner.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let state = &**this.state;
-        let poll = unless_forced!(state, write_waker, cx, this.inner.poll_flush(cx));
-        state.note_write(poll)
+        unless_forced!(state, write_waker, cx, this.inner.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -804,13 +786,12 @@ impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let state = &**this.state;
-        let poll = unless_forced!(
+        unless_forced!(
             state,
             write_waker,
             cx,
             this.inner.poll_write_vectored(cx, bufs)
-        );
-        state.note_write(poll)
+        )
     }
 
     fn is_write_vectored(&self) -> bool {

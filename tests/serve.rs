@@ -565,10 +565,11 @@ mod upgraded {
 
     type H2Ws = WebSocketStream<TokioIo<Upgraded>>;
 
-    /// An HTTP/2 connection to `addr` and a WebSocket over it (RFC 8441),
-    /// with the sender for more requests on the same connection.
+    /// An HTTP/2 connection to `addr` and a WebSocket over it (RFC 8441) to
+    /// `path`, with the sender for more requests on the same connection.
     async fn h2_websocket(
         addr: SocketAddr,
+        path: &str,
     ) -> (
         H2Ws,
         hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
@@ -591,7 +592,7 @@ mod upgraded {
             "SETTINGS_ENABLE_CONNECT_PROTOCOL is offered"
         );
         let conn = tokio::spawn(conn);
-        let request = Request::connect("/ws")
+        let request = Request::connect(path)
             .header(HOST, "127.0.0.1")
             .header("sec-websocket-version", "13")
             .extension(hyper::ext::Protocol::from_static("websocket"))
@@ -602,6 +603,25 @@ mod upgraded {
         let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
         (ws, sender, conn)
+    }
+
+    /// Sends binary messages until a send fails, ignoring the drain; reports
+    /// how it ended.
+    async fn flood_ws(
+        upgrade: WebSocketUpgrade,
+        Extension(ended): Extension<mpsc::UnboundedSender<String>>,
+    ) -> Response {
+        upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+            let chunk = Bytes::from(vec![0u8; 16 * 1024]);
+            let mut sent = 0usize;
+            let end = loop {
+                if let Err(e) = socket.send(Message::Binary(chunk.clone())).await {
+                    break format!("send error after {sent} messages: {e}");
+                }
+                sent += 1;
+            };
+            ended.send(end).unwrap();
+        })
     }
 
     async fn echo_once(ws: &mut H2Ws, text: &str) {
@@ -629,7 +649,7 @@ mod upgraded {
                 .drain_timeout(Duration::from_secs(30));
             let server = tokio::spawn(serve.into_future());
 
-            let (mut ws, sender, conn) = h2_websocket(addr).await;
+            let (mut ws, sender, conn) = h2_websocket(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
             // Inside its HTTP/2 connection: counted as that connection.
             assert_eq!((graceful.connections(), graceful.upgraded()), (1, 0));
@@ -677,7 +697,7 @@ mod upgraded {
 
             // Two WebSockets on one connection; the client then goes quiet
             // and the handlers ignore the drain.
-            let (mut ws, mut sender, conn) = h2_websocket(addr).await;
+            let (mut ws, mut sender, conn) = h2_websocket(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
             let request = Request::connect("/ws")
                 .header(HOST, "127.0.0.1")
@@ -723,6 +743,44 @@ mod upgraded {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_over_http2_whose_client_stopped_reading_is_forced_at_the_close_grace() {
+        timeout(BOUND, async {
+            const CLOSE_GRACE: Duration = Duration::from_millis(300);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let (ended_tx, mut ended) = mpsc::unbounded_channel();
+            let app = Router::new()
+                .route("/", get(|| async { "hello" }))
+                .route("/flood", any(flood_ws))
+                .layer(Extension(ended_tx));
+            let serve = handover::serve(listener, app, &graceful)
+                .close_grace(CLOSE_GRACE)
+                .drain_timeout(Duration::from_secs(30));
+            let server = tokio::spawn(serve.into_future());
+
+            // The client never reads: the server's writes back up.
+            let (ws, _sender, conn) = h2_websocket(addr, "/flood").await;
+            let started = Instant::now();
+            graceful.start_drain();
+            let end: String = ended.recv().await.unwrap();
+            let took = started.elapsed();
+            assert!(
+                end.starts_with("send error"),
+                "the blocked write fails: {end}"
+            );
+            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
+            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            let report = server.await.unwrap().unwrap();
+            assert_eq!(report.upgraded_forced, 1, "{report}");
+            drop(ws);
+            let _ = conn.await.unwrap();
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_http2_connection_with_a_websocket_finishes_its_other_requests_before_it_is_forced()
     {
         timeout(BOUND, async {
@@ -740,7 +798,7 @@ mod upgraded {
                 .drain_timeout(Duration::from_secs(30));
             let server = tokio::spawn(serve.into_future());
 
-            let (mut ws, mut sender, conn) = h2_websocket(addr).await;
+            let (mut ws, mut sender, conn) = h2_websocket(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
             let slow = tokio::spawn(async move {
                 let response = sender
