@@ -742,6 +742,121 @@ mod upgraded {
         .unwrap();
     }
 
+    /// A socket whose reads stop (stay pending) once `stop` is set, as a hung
+    /// client's would.
+    struct StopReading {
+        inner: TcpStream,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl tokio::io::AsyncRead for StopReading {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            if self.stop.load(Ordering::SeqCst) {
+                return std::task::Poll::Pending;
+            }
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for StopReading {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_over_http2_whose_client_hung_is_forced_at_the_close_grace() {
+        timeout(BOUND, async {
+            const CLOSE_GRACE: Duration = Duration::from_millis(300);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let graceful = Graceful::new();
+            let (ended_tx, mut ended) = mpsc::unbounded_channel();
+            let app = Router::new()
+                .route("/flood", any(flood_ws))
+                .layer(Extension(ended_tx));
+            let serve = handover::serve(listener, app, &graceful)
+                .close_grace(CLOSE_GRACE)
+                .drain_timeout(Duration::from_secs(30));
+            let server = tokio::spawn(serve.into_future());
+
+            // Windows wider than any socket buffer: once the client stops
+            // reading its socket, the server's writes fill it.
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let io = StopReading {
+                inner: TcpStream::connect(addr).await.unwrap(),
+                stop: stop.clone(),
+            };
+            let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .initial_stream_window_size(1 << 30)
+                .initial_connection_window_size(1 << 30)
+                .handshake(TokioIo::new(io))
+                .await
+                .unwrap();
+            let conn = tokio::spawn(conn);
+            // (The server's SETTINGS arrive while the request waits.)
+            let mut response = loop {
+                let request = Request::connect("/flood")
+                    .header(HOST, "127.0.0.1")
+                    .header("sec-websocket-version", "13")
+                    .extension(hyper::ext::Protocol::from_static("websocket"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                match sender.send_request(request).await {
+                    Ok(response) => break response,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            assert_eq!(response.status(), StatusCode::OK);
+            let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+            assert!(matches!(
+                ws.next().await,
+                Some(Ok(ClientMessage::Binary(_)))
+            ));
+            stop.store(true, Ordering::SeqCst);
+
+            let started = Instant::now();
+            graceful.start_drain();
+            let end: String = ended.recv().await.unwrap();
+            let took = started.elapsed();
+            assert!(
+                end.starts_with("send error"),
+                "the blocked write fails: {end}"
+            );
+            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
+            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            let report = server.await.unwrap().unwrap();
+            assert_eq!(report.upgraded_forced, 1, "{report}");
+            conn.abort();
+        })
+        .await
+        .unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_websocket_over_http2_whose_client_stopped_reading_is_forced_at_the_close_grace() {
         timeout(BOUND, async {
