@@ -16,7 +16,9 @@
 //!   `EventSource` reconnects at once, to the next generation, and ends;
 //! - `GET /ws` is a WebSocket echo, split into a reader and a writer half;
 //!   when this generation drains, the writer sends Close 1001 (going away)
-//!   and the client reconnects to the next generation.
+//!   and the client reconnects to the next generation. Over HTTP/2 the same
+//!   WebSocket opens with `CONNECT` (RFC 8441; axum's `http2` feature), so
+//!   the route takes any method.
 //!
 //! `kill -HUP <pid>` restarts it; `kill -TERM <pid>` drains and exits.
 
@@ -33,7 +35,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Router};
 use futures_util::{SinkExt, Stream, StreamExt, stream};
 use handover::{Exit, Handover, ShutdownSignal};
@@ -153,7 +155,7 @@ fn app(handover: &Handover) -> Router {
         .route("/visits", get(visits))
         .route("/echo", post(echo))
         .route("/events", get(events))
-        .route("/ws", get(ws))
+        .route("/ws", any(ws))
         .route("/ready", get(ready))
         .with_state(Arc::new(AppState::default()))
         .layer(handover.layer())

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
-use support::{Deploy, Load, Server, open_events};
+use support::{Deploy, Load, Server, h2_websocket, open_events};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -26,6 +26,19 @@ async fn read_until(body: &mut hyper::body::Incoming, until: &str) -> String {
         }
     }
     text
+}
+
+/// The next message is the server's Close 1001 (going away).
+async fn going_away<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match ws.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::Away, "{frame:?}")
+        }
+        other => panic!("expected Close 1001, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,15 +65,30 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
                 ws.next().await.unwrap().unwrap().to_text().unwrap(),
                 "before"
             );
+            // And one over HTTP/2 (RFC 8441).
+            let (mut h2_ws, h2_sender, h2_conn) = h2_websocket::connect(server.addr, "/ws").await;
+            h2_ws.send(Message::text("before, h2")).await.unwrap();
+            assert_eq!(
+                h2_ws.next().await.unwrap().unwrap().to_text().unwrap(),
+                "before, h2"
+            );
 
             let new = server.restart().await;
-            // The WebSocket is told the server is going away.
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    assert_eq!(frame.code, CloseCode::Away, "{frame:?}")
-                }
-                other => panic!("expected Close 1001, got {other:?}"),
-            }
+            // The WebSockets are told the server is going away.
+            going_away(&mut ws).await;
+            going_away(&mut h2_ws).await;
+            // The HTTP/2 one's connection then ends cleanly (GOAWAY).
+            while h2_ws.next().await.is_some() {}
+            drop(h2_sender);
+            let ended = h2_conn.await.unwrap();
+            assert!(ended.is_ok(), "{ended:?}");
+            // A new one reaches the new generation.
+            let (mut h2_ws, _, _) = h2_websocket::connect(server.addr, "/ws").await;
+            h2_ws.send(Message::text("after, h2")).await.unwrap();
+            assert_eq!(
+                h2_ws.next().await.unwrap().unwrap().to_text().unwrap(),
+                "after, h2"
+            );
             // The stream says goodbye, with a retry hint, and ends cleanly:
             // the chunked body completes, no error.
             let mut rest = String::new();

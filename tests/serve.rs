@@ -24,6 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
+#[path = "support/h2_websocket.rs"]
+mod h2_websocket;
+
 /// Every test ends within this, whatever happens.
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -493,7 +496,6 @@ mod upgraded {
     use axum::{Extension, Router};
     use futures_util::{SinkExt, StreamExt};
     use handover::ShutdownSignal;
-    use hyper::upgrade::Upgraded;
     use tokio::sync::mpsc;
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message as ClientMessage;
@@ -563,47 +565,7 @@ mod upgraded {
         })
     }
 
-    type H2Ws = WebSocketStream<TokioIo<Upgraded>>;
-
-    /// An HTTP/2 connection to `addr` and a WebSocket over it (RFC 8441) to
-    /// `path`, with the sender for more requests on the same connection.
-    async fn h2_websocket(
-        addr: SocketAddr,
-        path: &str,
-    ) -> (
-        H2Ws,
-        hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-        JoinHandle<Result<(), hyper::Error>>,
-    ) {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        let mut conn = Box::pin(conn);
-        // The server's SETTINGS come before its first response.
-        let response = tokio::select! {
-            response = sender.send_request(get_req("/")) => response.unwrap(),
-            ended = conn.as_mut() => panic!("the connection ended first: {ended:?}"),
-        };
-        assert_eq!(response.status(), StatusCode::OK);
-        assert!(
-            conn.is_extended_connect_protocol_enabled(),
-            "SETTINGS_ENABLE_CONNECT_PROTOCOL is offered"
-        );
-        let conn = tokio::spawn(conn);
-        let request = Request::connect(path)
-            .header(HOST, "127.0.0.1")
-            .header("sec-websocket-version", "13")
-            .extension(hyper::ext::Protocol::from_static("websocket"))
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let mut response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
-        (ws, sender, conn)
-    }
+    use super::h2_websocket::{self, H2Ws};
 
     /// Sends binary messages until a send fails, ignoring the drain; reports
     /// how it ended.
@@ -649,7 +611,7 @@ mod upgraded {
                 .drain_timeout(Duration::from_secs(30));
             let server = tokio::spawn(serve.into_future());
 
-            let (mut ws, sender, conn) = h2_websocket(addr, "/ws").await;
+            let (mut ws, sender, conn) = h2_websocket::connect(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
             // Inside its HTTP/2 connection: counted as that connection.
             assert_eq!((graceful.connections(), graceful.upgraded()), (1, 0));
@@ -697,18 +659,9 @@ mod upgraded {
 
             // Two WebSockets on one connection; the client then goes quiet
             // and the handlers ignore the drain.
-            let (mut ws, mut sender, conn) = h2_websocket(addr, "/ws").await;
+            let (mut ws, mut sender, conn) = h2_websocket::connect(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
-            let request = Request::connect("/ws")
-                .header(HOST, "127.0.0.1")
-                .header("sec-websocket-version", "13")
-                .extension(hyper::ext::Protocol::from_static("websocket"))
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let mut response = sender.send_request(request).await.unwrap();
-            let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-            let mut second =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+            let mut second = h2_websocket::open(&mut sender, "/ws").await;
             echo_once(&mut second, "there").await;
 
             let started = Instant::now();
@@ -818,13 +771,7 @@ mod upgraded {
             let conn = tokio::spawn(conn);
             // (The server's SETTINGS arrive while the request waits.)
             let mut response = loop {
-                let request = Request::connect("/flood")
-                    .header(HOST, "127.0.0.1")
-                    .header("sec-websocket-version", "13")
-                    .extension(hyper::ext::Protocol::from_static("websocket"))
-                    .body(Empty::<Bytes>::new())
-                    .unwrap();
-                match sender.send_request(request).await {
+                match sender.send_request(h2_websocket::request("/flood")).await {
                     Ok(response) => break response,
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
@@ -875,7 +822,7 @@ mod upgraded {
             let server = tokio::spawn(serve.into_future());
 
             // The client never reads: the server's writes back up.
-            let (ws, _sender, conn) = h2_websocket(addr, "/flood").await;
+            let (ws, _sender, conn) = h2_websocket::connect(addr, "/flood").await;
             let started = Instant::now();
             graceful.start_drain();
             let end: String = ended.recv().await.unwrap();
@@ -913,7 +860,7 @@ mod upgraded {
                 .drain_timeout(Duration::from_secs(30));
             let server = tokio::spawn(serve.into_future());
 
-            let (mut ws, mut sender, conn) = h2_websocket(addr, "/ws").await;
+            let (mut ws, mut sender, conn) = h2_websocket::connect(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
             let slow = tokio::spawn(async move {
                 let response = sender

@@ -18,6 +18,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
 
+pub mod h2_websocket;
+
 /// The `hello` example built next to this test binary.
 pub fn hello_binary() -> PathBuf {
     example_binary("hello")
