@@ -489,6 +489,7 @@ async fn malformed_http_during_a_drain_never_holds_the_process() {
 mod upgraded {
     //! WebSocket connections, upgraded through axum, under the serve loop
     //! and under `axum::serve` with an `UpgradeToken`.
+    use super::h2_websocket::{self, H2Ws};
     use super::*;
     use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
     use axum::response::Response;
@@ -564,8 +565,6 @@ mod upgraded {
             }
         })
     }
-
-    use super::h2_websocket::{self, H2Ws};
 
     /// Sends binary messages until a send fails, ignoring the drain; reports
     /// how it ended.
@@ -748,6 +747,7 @@ mod upgraded {
             let graceful = Graceful::new();
             let (ended_tx, mut ended) = mpsc::unbounded_channel();
             let app = Router::new()
+                .route("/", get(|| async { "hello" }))
                 .route("/flood", any(flood_ws))
                 .layer(Extension(ended_tx));
             let serve = handover::serve(listener, app, &graceful)
@@ -769,13 +769,13 @@ mod upgraded {
                 .await
                 .unwrap();
             let conn = tokio::spawn(conn);
-            // (The server's SETTINGS arrive while the request waits.)
-            let mut response = loop {
-                match sender.send_request(h2_websocket::request("/flood")).await {
-                    Ok(response) => break response,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
-            };
+            // The server's SETTINGS (extended CONNECT) come before this answer.
+            let hello = sender.send_request(get_req("/")).await.unwrap();
+            assert_eq!(hello.status(), StatusCode::OK);
+            let mut response = sender
+                .send_request(h2_websocket::request("/flood"))
+                .await
+                .unwrap();
             assert_eq!(response.status(), StatusCode::OK);
             let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
             let mut ws =
