@@ -104,14 +104,15 @@ impl Listener for tokio::net::UnixListener {
 ///
 /// A connection upgraded with HTTP/1.1 `Upgrade` (a WebSocket) stays
 /// counted until its upgraded IO is dropped, and is forced at the
-/// [`close_grace`](Serve::close_grace). WebSockets over HTTP/2 (RFC 8441
-/// extended CONNECT, offered as `axum::serve` offers them; axum's `http2`
-/// feature and an `any` route accept them) are streams inside their
-/// connection, which stays counted as a connection while they are open: a
-/// handler that watches the [`ShutdownSignal`](crate::ShutdownSignal) ends
-/// them, and at the close grace a connection that still carries one, once
-/// its other requests are answered, is closed and counts as upgraded and
-/// forced.
+/// [`close_grace`](Serve::close_grace).
+///
+/// WebSockets over HTTP/2 (RFC 8441 extended CONNECT) are offered too, as
+/// `axum::serve` offers them (axum's `http2` feature and an `any` route
+/// accept them). Each is a stream inside its connection, which stays
+/// counted as a connection while one is open. A handler that watches the
+/// [`ShutdownSignal`](crate::ShutdownSignal) ends it; at the close grace, a
+/// connection that still carries one is closed once its other requests are
+/// answered, and counts as upgraded and forced.
 ///
 /// `.await` the returned builder to run it; it resolves to the
 /// [`DrainReport`] once this server has drained. Accept errors (such as
