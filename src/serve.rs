@@ -352,19 +352,17 @@ async fn serve_connection<I, S, B>(
         inner: service.upgrades_tracked(),
         busy: busy.clone(),
     });
+    // Set when the close grace forced the connection for its HTTP/2 tunnels.
+    let mut tunnels_forced = false;
     // Driven in a block of its own, so the connection (and with it the IO,
-    // unless upgraded) is dropped when the block ends. It says whether the
-    // close grace forced the connection for its HTTP/2 tunnels.
-    let tunnels_forced = async {
+    // unless upgraded) is dropped when the block ends.
+    async {
         let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
         let mut drain = pin!(graceful.signal().draining());
         let mut forced = pin!(graceful.forced());
 
         tokio::select! {
-            result = conn.as_mut() => {
-                log_end(result);
-                return false;
-            }
+            result = conn.as_mut() => return log_end(result),
             () = &mut drain => {}
         }
         if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.is_idle() {
@@ -374,15 +372,9 @@ async fn serve_connection<I, S, B>(
             // is served with `Connection: close`, after which hyper closes
             // by itself.
             tokio::select! {
-                result = conn.as_mut() => {
-                    log_end(result);
-                    return false;
-                }
+                result = conn.as_mut() => return log_end(result),
                 () = tokio::time::sleep(idle_grace) => {}
-                _ = &mut forced => {
-                    tracing::debug!("connection forced closed");
-                    return false;
-                }
+                _ = &mut forced => return tracing::debug!("connection forced closed"),
             }
         }
         // HTTP/2: GOAWAY now, open streams finish. HTTP/1 busy at drain
@@ -408,19 +400,17 @@ async fn serve_connection<I, S, B>(
                     })
                 });
                 if let Some(result) = polled.await {
-                    log_end(result);
-                    return false;
+                    return log_end(result);
                 }
                 tracing::debug!("HTTP/2 tunnels forced closed at the close grace");
                 state.force();
+                tunnels_forced = true;
                 tokio::select! {
                     result = conn.as_mut() => log_end(result),
                     _ = &mut forced => {}
                 }
-                return true;
             }
         }
-        false
     }
     .await;
     if tunnels_forced {
