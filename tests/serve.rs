@@ -531,7 +531,33 @@ mod upgraded {
             })
         }
         // `any`: a WebSocket over HTTP/2 is a CONNECT, not a GET.
-        Router::new().route("/ws", any(ws)).layer(Extension(ended))
+        Router::new()
+            .route("/", get(|| async { "hello" }))
+            .route("/ws", any(ws))
+            .layer(Extension(ended))
+    }
+
+    /// `app` under `serve` on 127.0.0.1, with `close_grace` and a 30 s drain
+    /// timeout: its address, its `Graceful`, and the task that resolves to
+    /// its report.
+    async fn serve_app(
+        app: Router,
+        close_grace: Duration,
+    ) -> (SocketAddr, Graceful, JoinHandle<io::Result<DrainReport>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let graceful = Graceful::new();
+        let serve = handover::serve(listener, app, &graceful)
+            .close_grace(close_grace)
+            .drain_timeout(Duration::from_secs(30));
+        (addr, graceful, tokio::spawn(serve.into_future()))
+    }
+
+    /// `took` from the drain's start to a force: at the close grace, not
+    /// before, and not anywhere near the drain timeout.
+    fn assert_forced_at_close_grace(took: Duration, close_grace: Duration) {
+        assert!(took >= close_grace, "forced after {took:?}");
+        assert!(took < close_grace * 10, "forced after {took:?}");
     }
 
     /// An echo that says goodbye (Close 1001) when the drain starts, then
@@ -566,8 +592,15 @@ mod upgraded {
         })
     }
 
-    /// Sends binary messages until a send fails, ignoring the drain; reports
-    /// how it ended.
+    /// `/flood`: sends binary messages until a send fails, ignoring the
+    /// drain; reports how it ended.
+    fn flood(ended: mpsc::UnboundedSender<String>) -> Router {
+        Router::new()
+            .route("/", get(|| async { "hello" }))
+            .route("/flood", any(flood_ws))
+            .layer(Extension(ended))
+    }
+
     async fn flood_ws(
         upgrade: WebSocketUpgrade,
         Extension(ended): Extension<mpsc::UnboundedSender<String>>,
@@ -599,16 +632,10 @@ mod upgraded {
     async fn a_websocket_over_http2_says_goodbye_at_the_drain_and_its_connection_finishes() {
         timeout(BOUND, async {
             const CLOSE_GRACE: Duration = Duration::from_secs(5);
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let app = Router::new()
                 .route("/", get(|| async { "hello" }))
                 .route("/ws", any(polite_ws));
-            let serve = handover::serve(listener, app, &graceful)
-                .close_grace(CLOSE_GRACE)
-                .drain_timeout(Duration::from_secs(30));
-            let server = tokio::spawn(serve.into_future());
+            let (addr, graceful, server) = serve_app(app, CLOSE_GRACE).await;
 
             let (mut ws, sender, conn) = h2_websocket::connect(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
@@ -646,15 +673,8 @@ mod upgraded {
     async fn websockets_over_http2_that_ignore_the_drain_are_forced_at_the_close_grace() {
         timeout(BOUND, async {
             const CLOSE_GRACE: Duration = Duration::from_millis(300);
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let (ended_tx, mut ended) = mpsc::unbounded_channel();
-            let app = naive_echo(ended_tx).route("/", get(|| async { "hello" }));
-            let serve = handover::serve(listener, app, &graceful)
-                .close_grace(CLOSE_GRACE)
-                .drain_timeout(Duration::from_secs(30));
-            let server = tokio::spawn(serve.into_future());
+            let (addr, graceful, server) = serve_app(naive_echo(ended_tx), CLOSE_GRACE).await;
 
             // Two WebSockets on one connection; the client then goes quiet
             // and the handlers ignore the drain.
@@ -673,8 +693,7 @@ mod upgraded {
                 );
             }
             let took = started.elapsed();
-            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
-            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            assert_forced_at_close_grace(took, CLOSE_GRACE);
             let report = server.await.unwrap().unwrap();
             assert_eq!(
                 (
@@ -742,18 +761,8 @@ mod upgraded {
     async fn a_websocket_over_http2_whose_client_hung_is_forced_at_the_close_grace() {
         timeout(BOUND, async {
             const CLOSE_GRACE: Duration = Duration::from_millis(300);
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let (ended_tx, mut ended) = mpsc::unbounded_channel();
-            let app = Router::new()
-                .route("/", get(|| async { "hello" }))
-                .route("/flood", any(flood_ws))
-                .layer(Extension(ended_tx));
-            let serve = handover::serve(listener, app, &graceful)
-                .close_grace(CLOSE_GRACE)
-                .drain_timeout(Duration::from_secs(30));
-            let server = tokio::spawn(serve.into_future());
+            let (addr, graceful, server) = serve_app(flood(ended_tx), CLOSE_GRACE).await;
 
             // Windows wider than any socket buffer: once the client stops
             // reading its socket, the server's writes fill it.
@@ -794,8 +803,7 @@ mod upgraded {
                 end.starts_with("send error"),
                 "the blocked write fails: {end}"
             );
-            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
-            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            assert_forced_at_close_grace(took, CLOSE_GRACE);
             let report = server.await.unwrap().unwrap();
             assert_eq!(report.upgraded_forced, 1, "{report}");
             conn.abort();
@@ -808,18 +816,8 @@ mod upgraded {
     async fn a_websocket_over_http2_whose_client_stopped_reading_is_forced_at_the_close_grace() {
         timeout(BOUND, async {
             const CLOSE_GRACE: Duration = Duration::from_millis(300);
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let (ended_tx, mut ended) = mpsc::unbounded_channel();
-            let app = Router::new()
-                .route("/", get(|| async { "hello" }))
-                .route("/flood", any(flood_ws))
-                .layer(Extension(ended_tx));
-            let serve = handover::serve(listener, app, &graceful)
-                .close_grace(CLOSE_GRACE)
-                .drain_timeout(Duration::from_secs(30));
-            let server = tokio::spawn(serve.into_future());
+            let (addr, graceful, server) = serve_app(flood(ended_tx), CLOSE_GRACE).await;
 
             // The client never reads: the server's writes back up.
             let (ws, _sender, conn) = h2_websocket::connect(addr, "/flood").await;
@@ -831,8 +829,7 @@ mod upgraded {
                 end.starts_with("send error"),
                 "the blocked write fails: {end}"
             );
-            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
-            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            assert_forced_at_close_grace(took, CLOSE_GRACE);
             let report = server.await.unwrap().unwrap();
             assert_eq!(report.upgraded_forced, 1, "{report}");
             drop(ws);
@@ -848,17 +845,9 @@ mod upgraded {
         timeout(BOUND, async {
             const CLOSE_GRACE: Duration = Duration::from_millis(200);
             const SLOW_MS: u64 = 1000;
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let (ended_tx, mut ended) = mpsc::unbounded_channel();
-            let app = naive_echo(ended_tx)
-                .route("/", get(|| async { "hello" }))
-                .route("/sleep/{ms}", get(sleep));
-            let serve = handover::serve(listener, app, &graceful)
-                .close_grace(CLOSE_GRACE)
-                .drain_timeout(Duration::from_secs(30));
-            let server = tokio::spawn(serve.into_future());
+            let app = naive_echo(ended_tx).route("/sleep/{ms}", get(sleep));
+            let (addr, graceful, server) = serve_app(app, CLOSE_GRACE).await;
 
             let (mut ws, mut sender, conn) = h2_websocket::connect(addr, "/ws").await;
             echo_once(&mut ws, "hi").await;
@@ -912,14 +901,8 @@ mod upgraded {
     {
         timeout(BOUND, async {
             const CLOSE_GRACE: Duration = Duration::from_millis(300);
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let (ended_tx, mut ended) = mpsc::unbounded_channel();
-            let serve = handover::serve(listener, naive_echo(ended_tx), &graceful)
-                .close_grace(CLOSE_GRACE)
-                .drain_timeout(Duration::from_secs(30));
-            let server = tokio::spawn(serve.into_future());
+            let (addr, graceful, server) = serve_app(naive_echo(ended_tx), CLOSE_GRACE).await;
 
             let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
                 .await
@@ -939,8 +922,7 @@ mod upgraded {
                 end.starts_with("recv error"),
                 "the blocked read fails: {end}"
             );
-            assert!(took >= CLOSE_GRACE, "forced after {took:?}");
-            assert!(took < CLOSE_GRACE * 10, "forced after {took:?}");
+            assert_forced_at_close_grace(took, CLOSE_GRACE);
             let report = server.await.unwrap().unwrap();
             assert_eq!(
                 (report.upgraded_finished, report.upgraded_forced),
