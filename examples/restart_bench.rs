@@ -12,10 +12,12 @@
 //! then a `SIGHUP` every `--every-ms`. For each it prints requests,
 //! requests/s, failed requests (any error or non-2xx), latency percentiles,
 //! and for the restart phase: restarts achieved, time from the signal to the
-//! new generation answering, and time from an old generation's last response
-//! to its exit. Last, the ratio of the two throughputs, and a third phase:
-//! steady again, on a second `hello` with `--tcp-nodelay off` (Nagle), to
-//! show what that trade-off costs and buys (`--no-nagle-phase` skips it).
+//! new generation answering (and how long its first response took, against
+//! every response's median: a fresh process runs its first request cold),
+//! and time from an old generation's last response to its exit. Last, the
+//! ratio of the two throughputs, and a third phase: steady again, on a
+//! second `hello` with `--tcp-nodelay off` (Nagle), to show what that
+//! trade-off costs and buys (`--no-nagle-phase` skips it).
 //!
 //! "The signal" is the moment just before the benchmark's own `kill(2)`
 //! call sends `SIGHUP`; "the new generation" is the pid that then appears
@@ -89,19 +91,40 @@ struct Record {
     latencies_us: Vec<u32>,
     failed: Vec<String>,
     retried: usize,
-    /// pid -> (first response, last response)
-    seen: HashMap<u32, (Instant, Instant)>,
+    seen: HashMap<u32, Seen>,
+}
+
+/// The responses from one pid.
+#[derive(Clone, Copy)]
+struct Seen {
+    /// When the first arrived, and how long that request took.
+    first: Instant,
+    first_latency_us: u32,
+    last: Instant,
 }
 
 impl Record {
+    fn answered(&mut self, pid: u32, at: Instant, latency_us: u32) {
+        self.latencies_us.push(latency_us);
+        let seen = self.seen.entry(pid).or_insert(Seen {
+            first: at,
+            first_latency_us: latency_us,
+            last: at,
+        });
+        seen.last = at;
+    }
+
     fn merge(&mut self, other: Record) {
         self.latencies_us.extend(other.latencies_us);
         self.failed.extend(other.failed);
         self.retried += other.retried;
-        for (pid, (first, last)) in other.seen {
-            let e = self.seen.entry(pid).or_insert((first, last));
-            e.0 = e.0.min(first);
-            e.1 = e.1.max(last);
+        for (pid, theirs) in other.seen {
+            let ours = self.seen.entry(pid).or_insert(theirs);
+            if theirs.first < ours.first {
+                ours.first = theirs.first;
+                ours.first_latency_us = theirs.first_latency_us;
+            }
+            ours.last = ours.last.max(theirs.last);
         }
     }
 }
@@ -251,13 +274,11 @@ async fn client(
         match outcome {
             Outcome::Answered(pid) => {
                 let now = Instant::now();
-                record.latencies_us.push(
-                    now.duration_since(started)
-                        .as_micros()
-                        .min(u32::MAX as u128) as u32,
-                );
-                let e = record.seen.entry(pid).or_insert((now, now));
-                e.1 = now;
+                let latency_us = now
+                    .duration_since(started)
+                    .as_micros()
+                    .min(u32::MAX as u128) as u32;
+                record.answered(pid, now, latency_us);
                 if !h2 {
                     own = Some(sender);
                 }
@@ -417,16 +438,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Signal -> first answer from a new pid; old's last answer -> its exit.
     let mut to_new = Vec::new();
+    let mut first_latency = Vec::new();
     let mut to_exit = Vec::new();
     let exits = exits.lock().expect("exits").clone();
     let mut never_answered = 0;
     for (old, new, sent) in &signals {
         match new.and_then(|new| restarts.seen.get(&new)) {
-            Some((first, _)) => to_new.push(ms(first.saturating_duration_since(*sent))),
+            Some(seen) => {
+                to_new.push(ms(seen.first.saturating_duration_since(*sent)));
+                first_latency.push(f64::from(seen.first_latency_us) / 1000.0);
+            }
             None => never_answered += 1,
         }
-        if let (Some(exit), Some((_, last))) = (exits.get(old), restarts.seen.get(old)) {
-            to_exit.push(ms(exit.saturating_duration_since(*last)));
+        if let (Some(exit), Some(seen)) = (exits.get(old), restarts.seen.get(old)) {
+            to_exit.push(ms(exit.saturating_duration_since(seen.last)));
         }
     }
     let stats = |v: &mut Vec<f64>| {
@@ -446,6 +471,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         o.every
     );
     println!("signal -> new generation answering: {}", stats(&mut to_new));
+    println!(
+        "  its first response's latency: {} (every response's p50: {:.2} ms)",
+        stats(&mut first_latency),
+        percentile(&restarts.latencies_us, 0.50)
+    );
     if never_answered > 0 {
         println!("new generations that never answered: {never_answered}");
     }
