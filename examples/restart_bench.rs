@@ -2,22 +2,23 @@
 //!
 //! ```text
 //! cargo run --release --example restart_bench -- [--seconds 10] [--every-ms 500]
-//!     [--h1 16] [--h2 4] [--streams 8] [--no-nagle-phase]
+//!     [--h1 16] [--h2 4] [--streams 8] [--no-nagle-phase] [--hello PATH]
 //! ```
 //!
-//! It starts `examples/hello` (built in release mode first), drives it with
-//! a keep-alive load from its own client (`--h1` HTTP/1.1 connections and
-//! `--h2` HTTP/2 connections carrying `--streams` concurrent streams each),
-//! and runs two phases of `--seconds` each in one run: steady (no restart),
-//! then a `SIGHUP` every `--every-ms`. For each it prints requests,
-//! requests/s, failed requests (any error or non-2xx), latency percentiles,
-//! and for the restart phase: restarts achieved, time from the signal to the
-//! new generation answering (and how long its first response took, against
-//! every response's median: a fresh process runs its first request cold),
-//! and time from an old generation's last response to its exit. Last, the
-//! ratio of the two throughputs, and a third phase: steady again, on a
-//! second `hello` with `--tcp-nodelay off` (Nagle), to show what that
-//! trade-off costs and buys (`--no-nagle-phase` skips it).
+//! It starts `examples/hello` (built in release mode first; `--hello` runs
+//! a `hello` built some other way instead, such as statically linked),
+//! drives it with a keep-alive load from its own client (`--h1` HTTP/1.1
+//! connections and `--h2` HTTP/2 connections carrying `--streams`
+//! concurrent streams each), and runs two phases of `--seconds` each in one
+//! run: steady (no restart), then a `SIGHUP` every `--every-ms`. For each
+//! it prints requests, requests/s, failed requests (any error or non-2xx),
+//! latency percentiles, and for the restart phase: restarts achieved, time
+//! from the signal to the new generation answering (and how long its first
+//! response took, against every response's median: a fresh process runs its
+//! first request cold), and time from an old generation's last response to
+//! its exit. Last, the ratio of the two throughputs, and a third phase:
+//! steady again, on a second `hello` with `--tcp-nodelay off` (Nagle), to
+//! show what that trade-off costs and buys (`--no-nagle-phase` skips it).
 //!
 //! "The signal" is the moment just before the benchmark's own `kill(2)`
 //! call sends `SIGHUP`; "the new generation" is the pid that then appears
@@ -32,6 +33,7 @@
 //! apart: `refused+retried`.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,6 +56,7 @@ struct Options {
     h2: usize,
     streams: usize,
     nagle_phase: bool,
+    hello: Option<PathBuf>,
 }
 
 fn parse() -> Result<Options, String> {
@@ -64,6 +67,7 @@ fn parse() -> Result<Options, String> {
         h2: 4,
         streams: 8,
         nagle_phase: true,
+        hello: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +83,7 @@ fn parse() -> Result<Options, String> {
             "--h1" => o.h1 = n(&v)? as usize,
             "--h2" => o.h2 = n(&v)? as usize,
             "--streams" => o.streams = n(&v)? as usize,
+            "--hello" => o.hello = Some(PathBuf::from(v)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -372,7 +377,11 @@ async fn new_generation(old: u32, read_pid: impl Fn() -> Option<u32>) -> Option<
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
-    let hello = hello_binary()?;
+    let hello = match &o.hello {
+        Some(path) if path.is_file() => path.clone(),
+        Some(path) => return Err(format!("--hello {}: no such file", path.display()).into()),
+        None => hello_binary()?,
+    };
     let dir = std::env::temp_dir().join(format!("handover-restart-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let server = Hello::start(&hello, &dir, &[]).await?;
