@@ -5,11 +5,12 @@
 
 mod support;
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
-use support::{Deploy, Load, Server, h2_websocket, open_events};
+use support::{Deploy, Load, Server, h2_websocket, kill_processes_from, open_events};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -254,4 +255,67 @@ async fn tonic_example_streams_across_restarts_and_resumes_on_the_new_generation
     })
     .await
     .unwrap();
+}
+
+/// Ends, by pid, whatever still runs from a deploy directory when a test
+/// ends (by a failure, or by the bound).
+struct EndLeftovers<'a>(&'a std::path::Path);
+
+impl Drop for EndLeftovers<'_> {
+    fn drop(&mut self) {
+        kill_processes_from(self.0);
+    }
+}
+
+/// The restart benchmark, run end to end on the debug build. Its timings
+/// mean nothing there, but its load, its counting and its report must not
+/// rot: no request fails, every new generation answers, and every figure
+/// is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_bench_runs_under_restarts_and_reports_every_figure() {
+    // The benchmark and its hello copied side by side, so that whatever
+    // they start can be found (and ended) by the path it runs from.
+    let deploy = Deploy::new("restart-bench");
+    let bench = deploy.dir.join("restart_bench");
+    std::fs::copy(support::example_binary("restart_bench"), &bench).unwrap();
+    let _leftovers = EndLeftovers(&deploy.dir);
+
+    let run = tokio::process::Command::new(&bench)
+        .args(["--seconds", "1.5", "--every-ms", "250", "--no-nagle-phase"])
+        .args(["--h1", "4", "--h2", "1", "--streams", "4", "--hello"])
+        .arg(&deploy.bin)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = timeout(BOUND, run)
+        .await
+        .expect("the benchmark ends within the bound")
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    // It exits with an error when any request failed.
+    assert!(output.status.success(), "{}\n{report}", output.status);
+
+    let restarts: usize = report
+        .lines()
+        .find_map(|l| l.strip_prefix("restarts achieved: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no restart count in:\n{report}"));
+    assert!(restarts >= 2, "{restarts} restarts in:\n{report}");
+    assert!(
+        !report.contains("never answered"),
+        "a new generation never answered:\n{report}"
+    );
+    for figure in [
+        "signal -> new generation answering: median ",
+        "its first response's latency: median ",
+        "old generation's last response -> its exit: median ",
+        "throughput during restarts / steady = ",
+    ] {
+        assert!(report.contains(figure), "no {figure:?} in:\n{report}");
+    }
+    assert!(
+        support::processes_from(&deploy.dir).is_empty(),
+        "the benchmark left a process behind"
+    );
 }

@@ -385,12 +385,17 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Only when a test failed midway: end whatever it started, by pid.
-        for pid in processes_from(&self.deploy.dir) {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
+        kill_processes_from(&self.deploy.dir);
+    }
+}
+
+/// SIGKILL, by pid, to every live process running a binary from `dir`.
+pub fn kill_processes_from(dir: &Path) {
+    for pid in processes_from(dir) {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
     }
 }
 
