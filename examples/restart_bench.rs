@@ -46,7 +46,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 mod bench_support;
-use bench_support::{Hello, hello_binary, kill, ms, watch_exit};
+use bench_support::{Hello, kill, ms, watch_exit};
 
 #[derive(Clone)]
 struct Options {
@@ -377,11 +377,7 @@ async fn new_generation(old: u32, read_pid: impl Fn() -> Option<u32>) -> Option<
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
-    let hello = match &o.hello {
-        Some(path) if path.is_file() => path.clone(),
-        Some(path) => return Err(format!("--hello {}: no such file", path.display()).into()),
-        None => hello_binary()?,
-    };
+    let hello = bench_support::chosen_hello(o.hello.as_deref())?;
     let dir = std::env::temp_dir().join(format!("handover-restart-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let server = Hello::start(&hello, &dir, &[]).await?;

@@ -3,9 +3,11 @@
 //!
 //! ```text
 //! cargo run --release --example ws_bench -- [--connections 1000] [--close-grace SECS]
+//!     [--hello PATH]
 //! ```
 //!
-//! It starts `examples/hello` (built in release mode first) twice, opens
+//! It starts `examples/hello` (built in release mode first, or the `hello`
+//! that `--hello` names) twice, opens
 //! `--connections` WebSocket connections to `/ws` (each checked with one
 //! echo), and sends `SIGTERM`:
 //!
@@ -20,6 +22,7 @@
 //! connection holds: socket buffers in user space, hyper, tungstenite, the
 //! task, and handover's tracking).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -27,7 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 mod bench_support;
-use bench_support::{Hello, hello_binary, kill, ms, rss_kib, watch_exit};
+use bench_support::{Hello, kill, ms, rss_kib, watch_exit};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -35,12 +38,14 @@ type Ws =
 struct Options {
     connections: usize,
     close_grace: f64,
+    hello: Option<PathBuf>,
 }
 
 fn parse() -> Result<Options, String> {
     let mut o = Options {
         connections: 1000,
         close_grace: 1.0,
+        hello: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -49,6 +54,7 @@ fn parse() -> Result<Options, String> {
         match flag.as_str() {
             "--connections" => o.connections = value.parse().map_err(|e| bad(&e))?,
             "--close-grace" => o.close_grace = value.parse().map_err(|e| bad(&e))?,
+            "--hello" => o.hello = Some(PathBuf::from(value)),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -97,7 +103,7 @@ fn logged_drain_ms(server: &Hello) -> Option<f64> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
-    let hello = hello_binary()?;
+    let hello = bench_support::chosen_hello(o.hello.as_deref())?;
     let dir = std::env::temp_dir().join(format!("handover-ws-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let grace = Duration::from_secs_f64(o.close_grace);

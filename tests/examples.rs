@@ -267,34 +267,52 @@ impl Drop for EndLeftovers<'_> {
     }
 }
 
-/// The restart benchmark, run end to end on the debug build. Its timings
-/// mean nothing there, but its load, its counting and its report must not
-/// rot: no request fails, every new generation answers, and every figure
-/// is printed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_bench_runs_under_restarts_and_reports_every_figure() {
-    // The benchmark and its hello copied side by side, so that whatever
-    // they start can be found (and ended) by the path it runs from.
-    let deploy = Deploy::new("restart-bench");
-    let bench = deploy.dir.join("restart_bench");
-    std::fs::copy(support::example_binary("restart_bench"), &bench).unwrap();
+/// Runs the benchmark example `name` with `args` from a deploy directory,
+/// beside its `hello` (passed with `--hello`, so that no release build is
+/// started), within the bound. It must exit 0 and leave nothing running.
+/// Returns what it printed.
+async fn run_bench(name: &str, args: &[&str]) -> String {
+    // Whatever the benchmark starts runs from the deploy directory, so it
+    // can be found, and ended, by that path.
+    let deploy = Deploy::new(name);
+    let bench = deploy.dir.join(name);
+    std::fs::copy(support::example_binary(name), &bench).unwrap();
     let _leftovers = EndLeftovers(&deploy.dir);
 
     let run = tokio::process::Command::new(&bench)
-        .args(["--seconds", "1.5", "--every-ms", "250", "--no-nagle-phase"])
-        .args(["--h1", "4", "--h2", "1", "--streams", "4", "--hello"])
+        .args(args)
+        .arg("--hello")
         .arg(&deploy.bin)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .output();
     let output = timeout(BOUND, run)
         .await
-        .expect("the benchmark ends within the bound")
+        .unwrap_or_else(|_| panic!("{name} ends within the bound"))
         .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    // It exits with an error when any request failed.
-    assert!(output.status.success(), "{}\n{report}", output.status);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{name}: {}\n{report}",
+        output.status
+    );
+    assert!(
+        support::processes_from(&deploy.dir).is_empty(),
+        "{name} left a process behind"
+    );
+    report
+}
 
+/// The restart benchmark, run end to end on the debug build. Its timings
+/// mean nothing there, but its load, its counting and its report must not
+/// rot: no request fails (it exits with an error if one does), every new
+/// generation answers, and every figure is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_bench_runs_under_restarts_and_reports_every_figure() {
+    let args: Vec<&str> = "--seconds 1.5 --every-ms 250 --no-nagle-phase --h1 4 --h2 1 --streams 4"
+        .split(' ')
+        .collect();
+    let report = run_bench("restart_bench", &args).await;
     let restarts: usize = report
         .lines()
         .find_map(|l| l.strip_prefix("restarts achieved: "))
@@ -314,8 +332,20 @@ async fn restart_bench_runs_under_restarts_and_reports_every_figure() {
     ] {
         assert!(report.contains(figure), "no {figure:?} in:\n{report}");
     }
-    assert!(
-        support::processes_from(&deploy.dir).is_empty(),
-        "the benchmark left a process behind"
-    );
+}
+
+/// The WebSocket drain benchmark, end to end on the debug build, with 20
+/// connections: every behaving client gets Close 1001, the deaf ones are
+/// forced, and the memory figure is printed. Whether the timings met their
+/// target is not checked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_bench_drains_both_kinds_of_client_and_reports_every_figure() {
+    let report = run_bench("ws_bench", &["--connections", "20", "--close-grace", "0.3"]).await;
+    for figure in [
+        "server RSS: ",
+        "behaving clients: 20/20 got Close 1001; signal -> last connection closed ",
+        "clients ignoring Close: forced; signal -> exit ",
+    ] {
+        assert!(report.contains(figure), "no {figure:?} in:\n{report}");
+    }
 }

@@ -148,6 +148,16 @@ pub fn hello_binary() -> Result<PathBuf, String> {
     }
 }
 
+/// The `hello` a benchmark runs: the one `--hello` names, which must be a
+/// file, or else [`hello_binary`].
+pub fn chosen_hello(named: Option<&Path>) -> Result<PathBuf, String> {
+    match named {
+        Some(path) if path.is_file() => Ok(path.to_path_buf()),
+        Some(path) => Err(format!("--hello {}: no such file", path.display())),
+        None => hello_binary(),
+    }
+}
+
 /// A running `hello` (its first generation) and what it logs.
 pub struct Hello {
     pub addr: SocketAddr,
