@@ -7,9 +7,8 @@
 //! ```
 //!
 //! It starts `examples/hello` (built in release mode first, or the `hello`
-//! that `--hello` names) twice, opens
-//! `--connections` WebSocket connections to `/ws` (each checked with one
-//! echo), and sends `SIGTERM`:
+//! that `--hello` names) twice, opens `--connections` WebSocket
+//! connections to `/ws` (each checked with one echo), and sends `SIGTERM`:
 //!
 //! - first with clients that behave (they read, and answer the server's
 //!   Close 1001): the time from the signal to the last connection closed,
