@@ -281,7 +281,8 @@ impl Graceful {
         let _ = shared.started_at.set(now);
         if !shared.draining.swap(true, Ordering::SeqCst) {
             shared.requests.start_draining();
-            tracing::info!(
+            log!(
+                info,
                 in_flight = self.in_flight(),
                 connections = self.connections(),
                 "drain started"
@@ -331,7 +332,8 @@ impl Graceful {
             (0, 0)
         } else {
             let left = (self.in_flight(), self.connections());
-            tracing::warn!(
+            log!(
+                warn,
                 requests = left.0,
                 connections = left.1,
                 "drain deadline passed; forcing what is left"
@@ -349,7 +351,8 @@ impl Graceful {
             upgraded_forced: shared.upgraded_forced.load(Ordering::SeqCst),
             elapsed: Instant::now().saturating_duration_since(started),
         };
-        tracing::info!(
+        log!(
+            info,
             requests_finished = report.requests_finished,
             requests_forced = report.requests_forced,
             connections_finished = report.connections_finished,
@@ -478,7 +481,8 @@ impl Shared {
             std::mem::take(&mut upgrades.live)
         };
         if !live.is_empty() {
-            tracing::info!(
+            log!(
+                info,
                 upgraded = live.len(),
                 "close grace passed; forcing upgraded connections"
             );
@@ -604,7 +608,7 @@ impl UpgradeToken {
         upgrades.next_id += 1;
         if upgrades.closed {
             drop(upgrades);
-            tracing::debug!("upgraded after the close grace; forced at once");
+            log!(debug, "upgraded after the close grace; forced at once");
             shared.force_upgraded(force);
             return Self::untracked(shared);
         }

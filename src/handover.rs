@@ -313,12 +313,12 @@ impl Handover {
         if tokio::runtime::Handle::try_current().is_ok()
             && let Err(e) = self.start_signal_driver()
         {
-            tracing::error!(error = %e, "while becoming ready");
+            log!(error, error = %e, "while becoming ready");
             first_error = Some(e);
         }
         let mut note = |result: Result<(), Error>| {
             if let Err(e) = result {
-                tracing::error!(error = %e, "while becoming ready");
+                log!(error, error = %e, "while becoming ready");
                 first_error.get_or_insert(e);
             }
         };
@@ -330,7 +330,8 @@ impl Handover {
             "READY=1\nMAINPID={}",
             std::process::id()
         )));
-        tracing::info!(
+        log!(
+            info,
             pid = std::process::id(),
             upgraded = self.is_upgrade(),
             "ready"
@@ -358,7 +359,7 @@ impl Handover {
             .upgrade(&inner.listeners, &inner.shutting_down)
             .await?;
         self.settle(Outcome::HandedOver(pid));
-        tracing::info!(new_pid = pid, "handed over; draining this generation");
+        log!(info, new_pid = pid, "handed over; draining this generation");
         inner.graceful.start_drain();
         Ok(pid)
     }
@@ -439,17 +440,17 @@ impl Handover {
             while let Some((kind, upgrade)) = rx.recv().await {
                 let signal = kind.as_raw_value();
                 if upgrade {
-                    tracing::info!(signal, "upgrade requested");
+                    log!(info, signal, "upgrade requested");
                     let handover = handover.clone();
                     // Its own task, so that a shutdown signal is heard
                     // while the upgrade waits for the child.
                     tokio::spawn(async move {
                         if let Err(e) = handover.upgrade().await {
-                            tracing::error!(error = %e, "upgrade refused or failed");
+                            log!(error, error = %e, "upgrade refused or failed");
                         }
                     });
                 } else {
-                    tracing::info!(signal, "shutdown requested");
+                    log!(info, signal, "shutdown requested");
                     handover.shutdown();
                 }
             }
@@ -465,7 +466,7 @@ impl Handover {
                 if let Some(path) = &self.inner.pid_file
                     && let Err(e) = notify::remove_pid_file_if_ours(path)
                 {
-                    tracing::warn!(error = %e, "could not remove the pid file");
+                    log!(warn, error = %e, "could not remove the pid file");
                 }
                 Exit::Shutdown { report }
             }
@@ -539,7 +540,10 @@ where
                     .await
                     .is_err()
             {
-                tracing::error!("a pending upgrade did not end in 10 s; exiting anyway");
+                log!(
+                    error,
+                    "a pending upgrade did not end in 10 s; exiting anyway"
+                );
             }
             Ok(handover.finish(report))
         })

@@ -435,7 +435,7 @@ impl<B: Body> Body for TrackedBody<B> {
             {
                 let kind = std::mem::replace(long_lived.as_mut().project().kind, StreamKind::Ended);
                 *this.guard = None;
-                tracing::debug!("long-lived response ended at the close grace");
+                log!(debug, "long-lived response ended at the close grace");
                 return Poll::Ready(match kind {
                     StreamKind::Grpc => Some(Ok(Frame::trailers(grpc_unavailable()))),
                     _ => None,

@@ -78,6 +78,23 @@
 #![cfg(unix)]
 #![deny(unsafe_code)]
 
+/// Emits a `tracing` event that cannot unwind into handover's own code.
+///
+/// A subscriber can panic: tracing-subscriber's `fmt` layer reports a
+/// failed write with `eprintln!`, which panics when stderr is a broken pipe
+/// as well (a log collector that died, the SSH session that started the
+/// server gone). Such a panic in the task that handles signals would end
+/// that task, and the process would ignore `SIGTERM` and `SIGHUP` from then
+/// on; one in the middle of an upgrade could leave two generations serving.
+/// Losing the log line is the lesser harm.
+macro_rules! log {
+    ($level:ident, $($arg:tt)+) => {{
+        let _ = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| {
+            ::tracing::$level!($($arg)+);
+        }));
+    }};
+}
+
 mod error;
 mod graceful;
 mod handover;

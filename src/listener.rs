@@ -281,7 +281,7 @@ impl Listeners {
             }
         };
         if !inherited.is_empty() {
-            tracing::info!(
+            log!(info,
                 listeners = %inherited.iter().map(|i| format!("{}=fd {}", i.name, i.fd)).collect::<Vec<_>>().join(", "),
                 from_previous_generation = ready_pipe.is_some(),
                 "inherited listeners"
@@ -401,7 +401,7 @@ impl Listeners {
                     && !addrs.is_empty()
                     && !addrs.iter().any(|a| a == &local || a.port() == 0)
                 {
-                    tracing::warn!(name, %local, asked = ?addrs, "inherited listener is bound elsewhere than asked; keeping it");
+                    log!(warn, name, %local, asked = ?addrs, "inherited listener is bound elsewhere than asked; keeping it");
                 }
                 tokio::net::TcpListener::from_std(std)
                     .map_err(|e| Error::io(format!("listener {name:?}"), e))?
@@ -468,7 +468,8 @@ impl Listeners {
     pub fn ready(&self) -> Result<(), Error> {
         let mut state = self.lock();
         for unused in state.inherited.drain(..) {
-            tracing::warn!(
+            log!(
+                warn,
                 name = unused.name,
                 fd = unused.fd,
                 "inherited listener was not taken by the application; closing it"
@@ -553,7 +554,7 @@ fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
                     ));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    tracing::info!(path = %path.display(), "removing stale socket");
+                    log!(info, path = %path.display(), "removing stale socket");
                     std::fs::remove_file(path)?;
                 }
                 Err(e) => return Err(e),

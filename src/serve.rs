@@ -282,7 +282,7 @@ where
                     Ok(accepted) => accepted,
                     Err(e) if is_connection_error(&e) => continue,
                     Err(e) => {
-                        tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                        log!(error, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
                         tokio::select! {
                             biased;
                             () = &mut drain => break,
@@ -294,7 +294,7 @@ where
                 };
                 backoff = ACCEPT_BACKOFF_MIN;
                 if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
-                    tracing::debug!(error = %e, ?peer, "could not set TCP_NODELAY");
+                    log!(debug, error = %e, ?peer, "could not set TCP_NODELAY");
                 }
                 tokio::spawn(serve_connection(
                     io,
@@ -306,7 +306,8 @@ where
                 ));
             }
             drop(listener);
-            tracing::info!(
+            log!(
+                info,
                 connections = graceful.connections(),
                 in_flight = graceful.in_flight(),
                 "stopped accepting; draining"
@@ -374,7 +375,10 @@ async fn serve_connection<I, S, B>(
             tokio::select! {
                 result = conn.as_mut() => return log_end(result),
                 () = tokio::time::sleep(idle_grace) => {}
-                _ = &mut forced => return tracing::debug!("connection forced closed"),
+                _ = &mut forced => {
+                    log!(debug, "connection forced closed");
+                    return;
+                }
             }
         }
         // HTTP/2: GOAWAY now, open streams finish. HTTP/1 busy at drain
@@ -384,7 +388,7 @@ async fn serve_connection<I, S, B>(
         conn.as_mut().graceful_shutdown();
         tokio::select! {
             result = conn.as_mut() => log_end(result),
-            _ = &mut forced => tracing::debug!("connection forced closed"),
+            _ = &mut forced => log!(debug, "connection forced closed"),
             () = tunnels_outlive_close_grace(&graceful, &busy) => {
                 // WebSockets over HTTP/2 still open at the close grace, and
                 // no other request in progress: the connection is closed,
@@ -402,7 +406,7 @@ async fn serve_connection<I, S, B>(
                 if let Some(result) = polled.await {
                     return log_end(result);
                 }
-                tracing::debug!("HTTP/2 tunnels forced closed at the close grace");
+                log!(debug, "HTTP/2 tunnels forced closed at the close grace");
                 state.force();
                 tunnels_forced = true;
                 tokio::select! {
@@ -595,7 +599,7 @@ fn log_end(result: Result<(), BoxError>) {
             .downcast_ref::<io::Error>()
             .is_some_and(|e| e.kind() == io::ErrorKind::Interrupted);
         if !benign {
-            tracing::debug!(error = %e, "connection ended with an error");
+            log!(debug, error = %e, "connection ended with an error");
         }
     }
 }

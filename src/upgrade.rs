@@ -158,7 +158,7 @@ impl Upgrader {
         fds.push(OwnedFd::from(writer));
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
-        tracing::info!(exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
+        log!(info, exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
         let spawned = sys::spawn::spawn(&self.exe, &self.args, &self.cwd, &env, &borrowed);
         // Closes this process's copies of the passed fds, above all the
         // pipe's write end: the child's exit must read as end of file.
@@ -174,15 +174,15 @@ impl Upgrader {
             .wait_ready(&mut child, pid, OwnedFd::from(reader), cancel)
             .await;
         match &result {
-            Ok(()) => tracing::info!(pid, "upgrade: the next generation is ready"),
+            Ok(()) => log!(info, pid, "upgrade: the next generation is ready"),
             Err(e) => {
                 // Kill (if still running) and reap, whatever went wrong.
                 let _ = child.kill();
                 let status = child.wait().await;
                 if matches!(e, Error::Cancelled) {
-                    tracing::warn!(pid, error = %e, ?status, "upgrade cancelled; the child was killed and reaped");
+                    log!(warn, pid, error = %e, ?status, "upgrade cancelled; the child was killed and reaped");
                 } else {
-                    tracing::error!(pid, error = %e, ?status, "upgrade failed; this generation keeps serving");
+                    log!(error, pid, error = %e, ?status, "upgrade failed; this generation keeps serving");
                 }
             }
         }
