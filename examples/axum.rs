@@ -167,6 +167,12 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // A line that cannot be written is dropped. By default the
+        // subscriber would report it with `eprintln!`, which panics when
+        // stderr is a broken pipe too (the log collector died, the SSH
+        // session that started the server ended): serving and upgrades
+        // must go on without logs.
+        .log_internal_errors(false)
         .init();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -311,3 +311,26 @@ async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
     .await
     .unwrap();
 }
+
+/// The server's stdout and stderr are pipes whose reader goes away (a log
+/// collector that died, the SSH session that started it ended), so every
+/// line it logs fails from then on. Upgrades and the drain go on: no
+/// request is lost and every generation exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_that_breaks_stops_neither_upgrades_nor_the_drain() {
+    timeout(BOUND, async {
+        let server = Server::start(Deploy::new("log-pipe"), &[]).await;
+        server.close_log_pipes().await;
+        let load = Load::start(server.addr, 4, "/");
+        load.wait_answers(50).await;
+        // The new generations start with the same broken pipes.
+        for _ in 0..2 {
+            let new = server.restart().await;
+            load.wait_pid(new).await;
+        }
+        load.stop_all_answered().await;
+        server.stop().await;
+    })
+    .await
+    .expect("the test ends within the bound");
+}

@@ -203,6 +203,8 @@ pub struct Server {
     pub logs: Arc<Mutex<String>>,
     pub first: tokio::process::Child,
     known_pids: Mutex<BTreeSet<u32>>,
+    /// The tasks reading the server's stdout and stderr into `logs`.
+    log_readers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Server {
@@ -255,19 +257,20 @@ impl Server {
         }
         let mut first = command.spawn().unwrap();
         let logs = Arc::new(Mutex::new(String::new()));
+        let mut log_readers = Vec::new();
         for stream in [
             Box::new(first.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
             Box::new(first.stderr.take().unwrap()),
         ] {
             let logs = logs.clone();
-            tokio::spawn(async move {
+            log_readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let mut logs = logs.lock().unwrap();
                     logs.push_str(&line);
                     logs.push('\n');
                 }
-            });
+            }));
         }
         let addr_logs = logs.clone();
         let mut addr = None;
@@ -292,9 +295,22 @@ impl Server {
             logs,
             first,
             known_pids: Mutex::new(BTreeSet::new()),
+            log_readers: Mutex::new(log_readers),
         };
         server.wait_pid_file_change(None).await;
         server
+    }
+
+    /// Closes this end of the server's stdout and stderr, as a log
+    /// collector that dies does: from then on every line the server (and
+    /// every later generation) logs fails with `EPIPE`. Nothing more is
+    /// collected in `logs`.
+    pub async fn close_log_pipes(&self) {
+        let readers = std::mem::take(&mut *self.log_readers.lock().unwrap());
+        for reader in readers {
+            reader.abort();
+            let _ = reader.await;
+        }
     }
 
     pub fn log_text(&self) -> String {
