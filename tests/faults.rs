@@ -315,7 +315,8 @@ async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
 /// The server's stdout and stderr are pipes whose reader goes away (a log
 /// collector that died, the SSH session that started it ended), so every
 /// line it logs fails from then on. Upgrades and the drain go on: no
-/// request is lost and every generation exits 0.
+/// request is lost, the first generation exits 0 after handing over, and
+/// the last ends on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_pipe_that_breaks_stops_neither_upgrades_nor_the_drain() {
     timeout(BOUND, async {
