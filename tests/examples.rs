@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
+use support::websocket::expect_going_away;
 use support::{Deploy, Load, Server, h2_websocket, kill_processes_from, open_events};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const BOUND: Duration = Duration::from_secs(120);
 
@@ -27,19 +27,6 @@ async fn read_until(body: &mut hyper::body::Incoming, until: &str) -> String {
         }
     }
     text
-}
-
-/// The next message is the server's Close 1001 (going away).
-async fn going_away<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match ws.next().await {
-        Some(Ok(Message::Close(Some(frame)))) => {
-            assert_eq!(frame.code, CloseCode::Away, "{frame:?}")
-        }
-        other => panic!("expected Close 1001, got {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,8 +63,8 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
 
             let new = server.restart().await;
             // The WebSockets are told the server is going away.
-            going_away(&mut ws).await;
-            going_away(&mut h2_ws).await;
+            expect_going_away(&mut ws).await;
+            expect_going_away(&mut h2_ws).await;
             // The HTTP/2 one's connection then ends cleanly (GOAWAY).
             while h2_ws.next().await.is_some() {}
             drop(h2_sender);

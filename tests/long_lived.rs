@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
+use support::websocket::expect_going_away;
 use support::{Deploy, Load, Server, is_alive, open_events, send_signal, wait_until};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
@@ -228,10 +229,7 @@ async fn websocket_peers_that_ignore_close_are_forced_at_the_close_grace() {
         );
         // What the deaf clients find when they look: the Close, then the end.
         for mut ws in deaf {
-            match ws.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
-                other => panic!("expected the server's Close, got {other:?}"),
-            }
+            expect_going_away(&mut ws).await;
         }
         // The new generation serves WebSockets.
         let mut ws = connect(server.addr).await;

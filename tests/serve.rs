@@ -26,6 +26,8 @@ use tokio::time::{Instant, timeout};
 
 #[path = "support/h2_websocket.rs"]
 mod h2_websocket;
+#[path = "support/websocket.rs"]
+mod websocket;
 
 /// Every test ends within this, whatever happens.
 const BOUND: Duration = Duration::from_secs(60);
@@ -490,6 +492,7 @@ mod upgraded {
     //! WebSocket connections, upgraded through axum, under the serve loop
     //! and under `axum::serve` with an `UpgradeToken`.
     use super::h2_websocket::{self, H2Ws};
+    use super::websocket::expect_going_away;
     use super::*;
     use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
     use axum::response::Response;
@@ -501,7 +504,6 @@ mod upgraded {
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message as ClientMessage;
     use tokio_tungstenite::tungstenite::protocol::Role;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     /// A naive echo that never looks at the drain signal; reports how its
     /// socket ended.
@@ -644,12 +646,7 @@ mod upgraded {
 
             let started = Instant::now();
             graceful.start_drain();
-            match ws.next().await {
-                Some(Ok(ClientMessage::Close(Some(frame)))) => {
-                    assert_eq!(frame.code, CloseCode::Away);
-                }
-                other => panic!("expected the server's Close, got {other:?}"),
-            }
+            expect_going_away(&mut ws).await;
             // tungstenite answers the Close; then the stream ends.
             while let Some(next) = ws.next().await {
                 assert!(!matches!(next, Ok(ClientMessage::Text(_))), "{next:?}");

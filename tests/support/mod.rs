@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
 
 pub mod h2_websocket;
+pub mod websocket;
 
 /// The `hello` example built next to this test binary.
 pub fn hello_binary() -> PathBuf {
