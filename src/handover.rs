@@ -53,11 +53,14 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// }
 /// ```
 ///
-/// `SIGHUP` or `SIGUSR2` starts the binary found at this process's path at
-/// start-up (a deploy that replaced the file runs the new file), with the
-/// same arguments, working directory and environment, and the listeners at
-/// fds 3, 4, …. Once it says it is ready, this process stops accepting,
-/// drains and `serve` returns [`Exit::HandedOver`]. If it exits, crashes or
+/// `SIGHUP` or `SIGUSR2` starts the binary at the path this process was
+/// started by, symlinks unresolved (a deploy that renamed a new file over
+/// it, or pointed a symlink on it at a new release, runs the new one), with
+/// the same arguments and environment, in the same working directory (by
+/// `$PWD`'s path when that names it, so a symlinked directory is followed
+/// again), and the listeners at fds 3, 4, …. Once it says it is ready, this
+/// process stops accepting, drains and `serve` returns
+/// [`Exit::HandedOver`]. If it exits, crashes or
 /// is not ready within the ready timeout, it is killed and reaped and this
 /// process goes on serving as if nothing happened. `SIGTERM`, `SIGINT` and
 /// `SIGQUIT` drain and return [`Exit::Shutdown`], killing a pending child

@@ -1,9 +1,9 @@
 //! Starting the next generation and waiting until it is ready.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -21,9 +21,14 @@ use crate::{notify, sys};
 /// How this process starts its successor: resolved once, at start-up.
 #[derive(Debug)]
 pub(crate) struct Upgrader {
+    /// The path this process was started by (see [`program`]).
     exe: PathBuf,
     args: Vec<OsString>,
+    /// The working directory as this process was started in it (see
+    /// [`logical_dir`]).
     cwd: PathBuf,
+    /// The directory itself, to tell whether this process is still in it.
+    start_dir: Option<FileId>,
     ready_timeout: Duration,
     running: AtomicBool,
     /// Woken when an upgrade ends (its child ready, or killed and reaped).
@@ -42,14 +47,27 @@ impl Drop for Running<'_> {
 
 impl Upgrader {
     pub(crate) fn from_current_process(ready_timeout: Duration) -> Result<Self, Error> {
-        let exe = std::env::current_exe()
-            .map_err(|e| Error::io("resolving the path of this binary", e))?;
-        let cwd =
-            std::env::current_dir().map_err(|e| Error::io("reading the working directory", e))?;
+        // In a directory deleted since it was entered (an old release's),
+        // `getcwd` fails, but the process runs on there, and so can the
+        // next generation: "." names it.
+        let physical = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let start_dir = FileId::of(&physical);
+        let cwd = logical_dir(physical, std::env::var_os("PWD"));
+        let mut args = std::env::args_os();
+        let invoked = args.next().and_then(|argv0| {
+            let path_var = std::env::var_os("PATH");
+            program(&argv0, &cwd, path_var.as_deref(), running_binary()?)
+        });
+        let exe = match invoked {
+            Some(exe) => exe,
+            None => std::env::current_exe()
+                .map_err(|e| Error::io("resolving the path of this binary", e))?,
+        };
         Ok(Self {
             exe,
-            args: std::env::args_os().skip(1).collect(),
+            args: args.collect(),
             cwd,
+            start_dir,
             ready_timeout,
             running: AtomicBool::new(false),
             ended: Notify::new(),
@@ -77,6 +95,22 @@ impl Upgrader {
                 return;
             }
             ended.await;
+        }
+    }
+
+    /// Where the next generation starts: `None` for this process's own
+    /// working directory, which it inherits.
+    fn child_dir(&self) -> Option<&Path> {
+        let here = FileId::of(Path::new("."));
+        match FileId::of(&self.cwd) {
+            Some(there) if Some(there) == here => None,
+            // A symlink on the path now points elsewhere (a new release),
+            // or this process has changed directory since it started.
+            Some(_) => Some(&self.cwd),
+            // The path is gone (an old release's directory, removed), but
+            // this process is still where it started: so is the child.
+            None if here.is_some() && here == self.start_dir => None,
+            None => Some(&self.cwd),
         }
     }
 
@@ -159,7 +193,7 @@ impl Upgrader {
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
         log!(info, exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
-        let spawned = sys::spawn::spawn(&self.exe, &self.args, &self.cwd, &env, &borrowed);
+        let spawned = sys::spawn::spawn(&self.exe, &self.args, self.child_dir(), &env, &borrowed);
         // Closes this process's copies of the passed fds, above all the
         // pipe's write end: the child's exit must read as end of file.
         drop(borrowed);
@@ -230,5 +264,204 @@ impl Upgrader {
             }),
             () = cancel.cancelled() => Err(Error::Cancelled),
         }
+    }
+}
+
+/// A file's identity: its device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of what `path` names, following symlinks.
+    fn of(path: &Path) -> Option<Self> {
+        std::fs::metadata(path).ok().map(|meta| Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// Whether `a` and `b` both exist and name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    FileId::of(a).is_some_and(|a| FileId::of(b) == Some(a))
+}
+
+/// The identity of the binary this process runs, even if it has been
+/// deleted or replaced since.
+fn running_binary() -> Option<FileId> {
+    if cfg!(target_os = "linux") {
+        FileId::of(Path::new("/proc/self/exe"))
+    } else {
+        FileId::of(&std::env::current_exe().ok()?)
+    }
+}
+
+/// `$PWD` if it is an absolute path to the directory `physical` (what
+/// `getcwd` says, every symlink resolved), else `physical`.
+///
+/// A shell started in `/srv/app/current` sets `PWD` to that, while
+/// `getcwd` says `/srv/app/releases/v1`. Once a deploy points `current` at
+/// `releases/v2`, the next generation must start there, as unicorn and
+/// other re-executing servers have long done.
+fn logical_dir(physical: PathBuf, pwd: Option<OsString>) -> PathBuf {
+    match pwd.map(PathBuf::from) {
+        Some(pwd) if pwd.is_absolute() && same_file(&pwd, &physical) => pwd,
+        _ => physical,
+    }
+}
+
+/// The path this process was started by, `argv0`, made absolute (against
+/// `cwd`, or searched in `path_var` as a shell does when it has no `/`),
+/// if it names the `running` binary.
+///
+/// Not the running binary's own path (`/proc/self/exe`), in which the
+/// kernel has resolved every symlink: started as `/srv/app/current/server`
+/// with `current` pointing at `releases/v1`, this process's successor must
+/// be started from whatever `current` points at by then. `None` when
+/// `argv0` names another file (a launcher set it to something else, or the
+/// file was replaced already): the running binary's path is used then.
+fn program(
+    argv0: &OsStr,
+    cwd: &Path,
+    path_var: Option<&OsStr>,
+    running: FileId,
+) -> Option<PathBuf> {
+    let is_running = |candidate: &Path| FileId::of(candidate) == Some(running);
+    // `components` drops the `.` of `./server`.
+    let tidy = |path: PathBuf| path.components().collect::<PathBuf>();
+    if argv0.as_encoded_bytes().contains(&b'/') {
+        let candidate = tidy(cwd.join(argv0));
+        return is_running(&candidate).then_some(candidate);
+    }
+    std::env::split_paths(path_var?)
+        .map(|dir| tidy(cwd.join(dir).join(argv0)))
+        .find(|candidate| is_running(candidate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A fresh directory holding `bin/server` (the "running binary"),
+    /// `link` → `bin/server`, `other` and `elsewhere/server` (other
+    /// files), and `current` → `bin`.
+    struct Layout {
+        dir: PathBuf,
+    }
+
+    impl Layout {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("handover-upgrade-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("bin")).expect("dir");
+            std::fs::create_dir_all(dir.join("elsewhere")).expect("dir");
+            std::fs::write(dir.join("elsewhere/server"), "another").expect("write");
+            std::fs::write(dir.join("bin/server"), "server").expect("write");
+            std::fs::write(dir.join("other"), "other").expect("write");
+            symlink("bin/server", dir.join("link")).expect("symlink");
+            symlink("bin", dir.join("current")).expect("symlink");
+            Self { dir }
+        }
+
+        fn running(&self) -> FileId {
+            FileId::of(&self.dir.join("bin/server")).expect("exists")
+        }
+    }
+
+    impl Drop for Layout {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn the_program_is_the_path_this_process_was_started_by_symlinks_kept() {
+        let l = Layout::new("program");
+        let running = l.running();
+        let program = |argv0: &str, path_var: Option<&str>| {
+            program(OsStr::new(argv0), &l.dir, path_var.map(OsStr::new), running)
+        };
+        let absolute = l.dir.join("current/server");
+        assert_eq!(
+            program(absolute.to_str().expect("utf-8"), None),
+            Some(absolute.clone())
+        );
+        // Relative to the working directory, `./` dropped.
+        assert_eq!(program("./link", None), Some(l.dir.join("link")));
+        assert_eq!(
+            program("current/server", None),
+            Some(l.dir.join("current/server"))
+        );
+        // No `/`: searched in PATH, in order, relative entries against the
+        // working directory, an empty entry meaning the directory itself.
+        let search = format!("/nonexistent:{}", l.dir.join("current").display());
+        assert_eq!(
+            program("server", Some(&search)),
+            Some(l.dir.join("current/server"))
+        );
+        assert_eq!(
+            program("server", Some("/nonexistent:bin")),
+            Some(l.dir.join("bin/server"))
+        );
+        assert_eq!(
+            program("link", Some("/nonexistent:")),
+            Some(l.dir.join("link"))
+        );
+        // A name found first as another file is passed over.
+        assert_eq!(
+            program("server", Some("elsewhere:bin")),
+            Some(l.dir.join("bin/server"))
+        );
+        // Not the running binary, or not found: `None` (the caller then
+        // uses the running binary's own path).
+        assert_eq!(program("./other", None), None);
+        assert_eq!(program("./missing", None), None);
+        assert_eq!(program("server", None), None);
+        assert_eq!(program("other", Some(l.dir.to_str().expect("utf-8"))), None);
+    }
+
+    #[test]
+    fn the_working_directory_is_pwd_only_when_it_names_the_same_directory() {
+        let l = Layout::new("pwd");
+        let physical = l.dir.join("bin");
+        let logical = |pwd: Option<PathBuf>| logical_dir(physical.clone(), pwd.map(Into::into));
+        assert_eq!(logical(Some(l.dir.join("current"))), l.dir.join("current"));
+        // Unset (systemd sets no PWD), stale, relative, or missing.
+        assert_eq!(logical(None), physical);
+        assert_eq!(logical(Some(l.dir.clone())), physical);
+        assert_eq!(logical(Some("current".into())), physical);
+        assert_eq!(logical(Some(l.dir.join("gone"))), physical);
+    }
+
+    #[test]
+    fn the_child_starts_in_the_directory_the_path_names_now() {
+        let l = Layout::new("child-dir");
+        let here = std::env::current_dir().expect("cwd");
+        let upgrader = |cwd: PathBuf, start_dir: &Path| Upgrader {
+            cwd,
+            start_dir: FileId::of(start_dir),
+            ..Upgrader::from_current_process(Duration::from_secs(1)).expect("upgrader")
+        };
+        // Where this process is: inherited, no chdir needed.
+        assert_eq!(upgrader(here.clone(), &here).child_dir(), None);
+        // A path (a symlink, say) that now names another directory.
+        let current = l.dir.join("current");
+        assert_eq!(
+            upgrader(current.clone(), &here).child_dir(),
+            Some(current.as_path())
+        );
+        // A path that is gone: the child stays where this process started,
+        // if it is still there; otherwise the path is tried (and fails).
+        let gone = l.dir.join("gone");
+        assert_eq!(upgrader(gone.clone(), &here).child_dir(), None);
+        assert_eq!(
+            upgrader(gone.clone(), &l.dir).child_dir(),
+            Some(gone.as_path())
+        );
     }
 }

@@ -250,6 +250,82 @@ async fn an_upgrade_signal_during_an_upgrade_is_refused() {
 }
 
 #[tokio::test]
+async fn a_symlink_deploy_starts_the_release_the_link_points_at_now() {
+    timeout(BOUND, async {
+        // Started as `current/hello`, in `current`, pointing at v1; the
+        // kernel knows the binary and directory only as `releases/v1`.
+        let server = Server::start(Deploy::releases("symlink"), &[]).await;
+        let releases = server.deploy.dir.join("releases");
+        let exe_and_dir = |pid: u32| {
+            (
+                std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+                std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+            )
+        };
+        let load = Load::start(server.addr, 2, "/");
+        let v1 = server.current_pid();
+        assert_eq!(
+            exe_and_dir(v1),
+            (releases.join("v1/hello"), releases.join("v1"))
+        );
+
+        server.deploy.add_release("v2");
+        server.deploy.point_current_at("v2");
+        let v2 = server.restart().await;
+        assert_eq!(
+            exe_and_dir(v2),
+            (releases.join("v2/hello"), releases.join("v2")),
+            "the new generation runs the release `current` points at now, in its directory"
+        );
+        load.wait_pid(v2).await;
+
+        // Old releases get cleaned up; the next deploy still works.
+        std::fs::remove_dir_all(releases.join("v1")).unwrap();
+        server.deploy.add_release("v3");
+        server.deploy.point_current_at("v3");
+        let v3 = server.restart().await;
+        assert_eq!(
+            exe_and_dir(v3),
+            (releases.join("v3/hello"), releases.join("v3"))
+        );
+        load.wait_pid(v3).await;
+        load.stop_all_answered().await;
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_working_directory_deleted_since_start_up_does_not_stop_upgrades() {
+    timeout(BOUND, async {
+        let mut deploy = Deploy::new("deleted-dir");
+        let work = deploy.dir.join("work");
+        std::fs::create_dir(&work).unwrap();
+        deploy.cwd = Some(work.clone());
+        let server = Server::start(deploy, &[]).await;
+        let load = Load::start(server.addr, 2, "/");
+        // An old release's directory, cleaned up while still in use.
+        std::fs::remove_dir(&work).unwrap();
+        let mut deleted = work.into_os_string();
+        deleted.push(" (deleted)");
+        for _ in 0..2 {
+            let new = server.restart().await;
+            assert_eq!(
+                std::fs::read_link(format!("/proc/{new}/cwd")).unwrap(),
+                deleted,
+                "the new generation runs where the old one did"
+            );
+            load.wait_pid(new).await;
+        }
+        load.stop_all_answered().await;
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn fd_count_of_generation_31_equals_generation_1() {
     timeout(BOUND, async {
         let server = Server::start(Deploy::new("fds"), &[]).await;

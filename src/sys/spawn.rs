@@ -186,7 +186,8 @@ impl Drop for SpawnSetup {
     }
 }
 
-/// Starts `exe` with `args`, in `cwd`, with exactly `env`, and with
+/// Starts `exe` with `args`, in `cwd` (`None`: in this process's working
+/// directory), with exactly `env`, and with
 /// `fds[i]` at fd `3 + i` (without `FD_CLOEXEC`, so they cross `exec`; all
 /// other fds of this process have `FD_CLOEXEC`, as std and tokio open
 /// them). Returns once the child has called `exec`: a binary that cannot
@@ -194,7 +195,7 @@ impl Drop for SpawnSetup {
 pub(crate) fn spawn(
     exe: &Path,
     args: &[OsString],
-    cwd: &Path,
+    cwd: Option<&Path>,
     env: &[(OsString, OsString)],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<Child> {
@@ -212,26 +213,28 @@ pub(crate) fn spawn(
         pair.push(value);
         envp_owned.push(c_string(&pair, "an environment variable")?);
     }
-    let dir = c_string(cwd.as_os_str(), "the working directory")?;
     let argv = null_terminated(&argv_owned);
     let envp = null_terminated(&envp_owned);
-    // The child inherits our working directory; only a process that has
-    // changed it since it started needs to send the child back.
-    let chdir = if std::env::current_dir().ok().as_deref() == Some(cwd) {
-        None
-    } else {
-        Some(addchdir().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "the working directory changed since start-up, and this C library \
-                     cannot start a child in {} (posix_spawn_file_actions_addchdir_np \
-                     needs glibc 2.29 or later)",
-                    cwd.display()
-                ),
-            )
-        })?)
-    };
+    let chdir = cwd
+        .map(|cwd| -> io::Result<(AddChdir, CString)> {
+            let addchdir = addchdir().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the next generation must start in {}, which is not this \
+                         process's working directory, and this C library cannot start a \
+                         child elsewhere (posix_spawn_file_actions_addchdir_np needs \
+                         glibc 2.29 or later)",
+                        cwd.display()
+                    ),
+                )
+            })?;
+            Ok((
+                addchdir,
+                c_string(cwd.as_os_str(), "the working directory")?,
+            ))
+        })
+        .transpose()?;
 
     // Each fd goes first to a spare number, then to its place: placing one
     // can never overwrite a source not yet placed, and `dup2` onto a
@@ -243,7 +246,7 @@ pub(crate) fn spawn(
     let mut setup = SpawnSetup::new()?;
     let mut pid: libc::pid_t = 0;
     // SAFETY: `setup` holds initialised objects; every pointer passed
-    // (`program`, `dir`, `argv`, `envp` and the strings they point to)
+    // (`program`, `chdir`'s path, `argv`, `envp` and the strings they point to)
     // outlives the calls, and `argv`/`envp` end with a null pointer. The fds
     // in `raw` are open for the whole call (`fds` borrows them), and
     // `posix_spawn` only reads its arguments.
@@ -260,7 +263,7 @@ pub(crate) fn spawn(
             ))?;
             check(libc::posix_spawn_file_actions_addclose(actions, spare))?;
         }
-        if let Some(addchdir) = chdir {
+        if let Some((addchdir, dir)) = &chdir {
             check(addchdir(actions, dir.as_ptr()))?;
         }
 
@@ -465,7 +468,7 @@ mod tests {
         spawn(
             Path::new("/bin/sh"),
             &["-c".into(), script.into()],
-            Path::new("/"),
+            Some(Path::new("/")),
             &env(),
             &[],
         )
@@ -490,7 +493,7 @@ mod tests {
         let mut child = spawn(
             Path::new("/bin/sh"),
             &["-c".into(), script.into()],
-            Path::new("/"),
+            Some(Path::new("/")),
             &env(),
             &[w2.as_fd(), w1.as_fd()],
         )
@@ -526,7 +529,7 @@ mod tests {
         let mut child = spawn(
             Path::new("/bin/sh"),
             &["-c".into(), "echo \"$(pwd) $ONLY\" >&3".into()],
-            Path::new("/tmp"),
+            Some(Path::new("/tmp")),
             &[("ONLY".into(), "this".into())],
             &[w.as_fd()],
         )
@@ -544,7 +547,7 @@ mod tests {
         let mut child = spawn(
             Path::new("/bin/sleep"),
             &["30".into()],
-            Path::new("/"),
+            Some(Path::new("/")),
             &env(),
             &[],
         )
@@ -581,14 +584,8 @@ mod tests {
 
     #[test]
     fn a_binary_that_cannot_run_is_an_error_at_spawn() {
-        let err = spawn(
-            Path::new("/nonexistent/binary"),
-            &[],
-            Path::new("/"),
-            &env(),
-            &[],
-        )
-        .expect_err("missing binary");
+        let err = spawn(Path::new("/nonexistent/binary"), &[], None, &env(), &[])
+            .expect_err("missing binary");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         // A file that is not an executable format (and has no `#!`).
         let dir = std::env::temp_dir().join(format!("handover-spawn-{}", std::process::id()));
@@ -597,7 +594,7 @@ mod tests {
         std::fs::write(&junk, b"\x00\x01 not a program").expect("write");
         std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
-        let err = spawn(&junk, &[], Path::new("/"), &env(), &[]).expect_err("not a program");
+        let err = spawn(&junk, &[], None, &env(), &[]).expect_err("not a program");
         assert_eq!(err.raw_os_error(), Some(libc::ENOEXEC));
         let _ = std::fs::remove_dir_all(&dir);
     }

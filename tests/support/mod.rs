@@ -45,6 +45,9 @@ pub struct Deploy {
     pub dir: PathBuf,
     pub bin: PathBuf,
     pub pid_file: PathBuf,
+    /// The directory the first generation starts in, given as `$PWD` too
+    /// (as a shell would); `None`: the test's own.
+    pub cwd: Option<PathBuf>,
     source: PathBuf,
 }
 
@@ -62,11 +65,41 @@ impl Deploy {
         let deploy = Deploy {
             bin: dir.join(name),
             pid_file: dir.join("server.pid"),
+            cwd: None,
             dir,
             source: example_binary(name),
         };
         deploy.install_good();
         deploy
+    }
+
+    /// A deploy of `examples/hello` laid out as release directories behind
+    /// a symlink, as Capistrano and the like do: `releases/v1/hello`, with
+    /// `current` pointing at `releases/v1`. The first generation is started
+    /// as `current/hello`, in `current`.
+    pub fn releases(tag: &str) -> Self {
+        let mut deploy = Self::new(tag);
+        deploy.add_release("v1");
+        deploy.point_current_at("v1");
+        deploy.bin = deploy.dir.join("current").join("hello");
+        deploy.cwd = Some(deploy.dir.join("current"));
+        deploy
+    }
+
+    /// A copy of `examples/hello` at `releases/{name}/hello`.
+    pub fn add_release(&self, name: &str) {
+        let release = self.dir.join("releases").join(name);
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::copy(&self.source, release.join("hello")).unwrap();
+    }
+
+    /// Points `current` at `releases/{name}`, atomically (a new symlink
+    /// renamed over the old one).
+    pub fn point_current_at(&self, name: &str) {
+        let new = self.dir.join("current.new");
+        let _ = std::fs::remove_file(&new);
+        std::os::unix::fs::symlink(Path::new("releases").join(name), &new).unwrap();
+        std::fs::rename(&new, self.dir.join("current")).unwrap();
     }
 
     fn install(&self, write: impl FnOnce(&Path)) {
@@ -243,6 +276,9 @@ impl Server {
                 sh
             }
         };
+        if let Some(cwd) = &deploy.cwd {
+            command.current_dir(cwd).env("PWD", cwd);
+        }
         command
             .args(["--addr", "127.0.0.1:0", "--pid-file"])
             .arg(&deploy.pid_file)
