@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::Request;
@@ -241,7 +241,19 @@ async fn client(
     let mut record = Record::default();
     let h2 = shared.is_some();
     let mut own: Option<Sender> = None;
+    // Which generation this client last heard from: a failure says so.
+    let mut last_pid: Option<u32> = None;
+    let failure = |what: String, started: Instant, last_pid: Option<u32>| {
+        let sent = SystemTime::now() - started.elapsed();
+        let last = last_pid.map_or("none yet".into(), |pid| format!("pid {pid}"));
+        format!(
+            "{} client, started {} UTC, last answer from {last}: {what}",
+            if h2 { "HTTP/2" } else { "HTTP/1.1" },
+            time_of_day(sent),
+        )
+    };
     while !stop.load(Ordering::Relaxed) {
+        let connecting = Instant::now();
         // Get a sender: our own (HTTP/1) or a clone of the shared HTTP/2 one.
         let mut sender = match &shared {
             None => match own.take() {
@@ -249,7 +261,7 @@ async fn client(
                 None => match connect(addr, false).await {
                     Ok(s) => s,
                     Err(e) => {
-                        record.failed.push(e);
+                        record.failed.push(failure(e, connecting, last_pid));
                         continue;
                     }
                 },
@@ -261,7 +273,7 @@ async fn client(
                     match connect(addr, true).await {
                         Ok(s) => *slot = Some(s),
                         Err(e) => {
-                            record.failed.push(e);
+                            record.failed.push(failure(e, connecting, last_pid));
                             continue;
                         }
                     }
@@ -284,6 +296,7 @@ async fn client(
                     .as_micros()
                     .min(u32::MAX as u128) as u32;
                 record.answered(pid, now, latency_us);
+                last_pid = Some(pid);
                 if !h2 {
                     own = Some(sender);
                 }
@@ -293,10 +306,23 @@ async fn client(
                     record.retried += 1;
                 }
             }
-            Outcome::Failed(e) => record.failed.push(e),
+            Outcome::Failed(e) => record.failed.push(failure(e, started, last_pid)),
         }
     }
     record
+}
+
+/// `t`'s time of day in UTC, as `hello`'s log lines give it.
+fn time_of_day(t: SystemTime) -> String {
+    let since_epoch = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        since_epoch.subsec_micros()
+    )
 }
 
 async fn load(
@@ -493,14 +519,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         restart_rps / steady_rps
     );
 
-    // Kept, with the temporary directory, to tell what went wrong.
+    // Kept, with the temporary directory, to tell what went wrong: written
+    // once the last generation has drained, so that its end is in it too.
     let keep_log = !steady.failed.is_empty() || !restarts.failed.is_empty();
+    let logs = server.logs.clone();
+    server.stop().await;
     if keep_log {
         let log = dir.join("hello.log");
-        std::fs::write(&log, server.logs.lock().expect("logs").join("\n"))?;
+        std::fs::write(&log, logs.lock().expect("logs").join("\n"))?;
         println!("hello's log (all generations): {}", log.display());
     }
-    server.stop().await;
 
     // Phase 3: steady, with Nagle's algorithm (TCP_NODELAY off).
     let mut nagle_failed = false;

@@ -165,6 +165,8 @@ pub struct Hello {
     pub first: tokio::process::Child,
     /// Lines hello logged after `listening`.
     pub logs: Arc<Mutex<Vec<String>>>,
+    /// Reads them, until every generation has closed hello's stdout.
+    reader: tokio::task::JoinHandle<()>,
 }
 
 impl Hello {
@@ -201,7 +203,7 @@ impl Hello {
         };
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = logs.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 sink.lock().expect("logs").push(line);
             }
@@ -211,6 +213,7 @@ impl Hello {
             pid_file,
             first,
             logs,
+            reader,
         };
         while hello.pid().is_none() {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -227,7 +230,8 @@ impl Hello {
             .ok()
     }
 
-    /// Ends the current generation with SIGTERM and waits for the first.
+    /// Ends the current generation with SIGTERM, waits for the first, and
+    /// for the last lines of their log.
     pub async fn stop(mut self) {
         if let Some(pid) = self.pid() {
             let exit = watch_exit(pid, Duration::from_secs(30));
@@ -235,5 +239,8 @@ impl Hello {
             exit.exited().await;
         }
         let _ = self.first.wait().await;
+        // The last lines (the last generation's drain) are in `logs` once
+        // the pipe is closed; a process left holding it does not hold this.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.reader).await;
     }
 }
