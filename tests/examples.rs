@@ -336,3 +336,40 @@ async fn ws_bench_drains_both_kinds_of_client_and_reports_every_figure() {
         assert!(report.contains(figure), "no {figure:?} in:\n{report}");
     }
 }
+
+/// Hundreds of drains in one process under the restart benchmark's load
+/// (`examples/goaway_race.rs`, debug build): with `handover::serve`, no
+/// request fails. HTTP/2 streams a GOAWAY refused are sent again, as are
+/// requests hyper's client lost after their connection had closed (a
+/// client bug the example counts apart); anything else makes it exit with
+/// an error.
+#[tokio::test]
+async fn goaway_race_fails_no_request_under_hundreds_of_drains() {
+    let run = tokio::process::Command::new(support::example_binary("goaway_race"))
+        .args(["--seconds", "3", "--every-ms", "5", "--server", "handover"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = timeout(BOUND, run)
+        .await
+        .expect("goaway_race ends within the bound")
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}\n{report}", output.status);
+    let count = |prefix: &str| -> usize {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix:?} in:\n{report}"))
+    };
+    assert_eq!(count("failed: "), 0, "{report}");
+    assert!(count("answered: ") > 0, "{report}");
+    let restarts: usize = report
+        .split(": ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no restart count in:\n{report}"));
+    assert!(restarts >= 100, "{restarts} drains in:\n{report}");
+}

@@ -1,7 +1,10 @@
 //! What the benchmark examples share: starting `examples/hello` as a real
-//! process, and watching processes by pid.
+//! process, watching processes by pid, and the load client ([`client`]).
 
 #![allow(dead_code, unreachable_pub)]
+
+pub mod client;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
