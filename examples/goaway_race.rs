@@ -128,7 +128,7 @@ async fn client(
                 }
             },
         };
-        match client::get(&mut sender).await {
+        match client::get(&mut sender, "/").await {
             Outcome::Answered(_) => {
                 tally.answered.fetch_add(1, Ordering::Relaxed);
                 if shared.is_none() {

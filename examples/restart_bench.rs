@@ -193,7 +193,7 @@ async fn client(
             },
         };
         let started = Instant::now();
-        match client::get(&mut sender).await {
+        match client::get(&mut sender, "/").await {
             Outcome::Answered(body) => {
                 let Some(pid) = pid_of(&body) else {
                     record

@@ -37,7 +37,7 @@ async fn restarts_under_keep_alive_load_answer_every_request() {
         let retried_h2 = load_h2.retried.load(std::sync::atomic::Ordering::Relaxed);
         let (ok_h2, failed_h2, pids_h2) = load_h2.stop().await;
         eprintln!(
-            "{RESTARTS} restarts: HTTP/1 {ok} answered, {} failed; HTTP/2 {ok_h2} answered, {} failed, {retried_h2} refused unprocessed by GOAWAY and retried",
+            "{RESTARTS} restarts: HTTP/1 {ok} answered, {} failed; HTTP/2 {ok_h2} answered, {} failed, {retried_h2} refused unprocessed by GOAWAY or lost by the client, and sent again",
             failed.len(),
             failed_h2.len()
         );

@@ -1,4 +1,5 @@
-//! The load client of `restart_bench` and `goaway_race`: hyper's HTTP/1.1
+//! The load client of `restart_bench`, `goaway_race` and the process
+//! tests' HTTP/2 load (`tests/support`): hyper's HTTP/1.1
 //! and HTTP/2 clients, one request at a time per client, reconnecting when
 //! the server closes a connection.
 //!
@@ -156,12 +157,12 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// `GET /` on `sender`, until its response body ends or it is lost (see
-/// [`Outcome`]), within [`REQUEST_LIMIT`].
-pub async fn get(sender: &mut Sender) -> Outcome {
+/// `GET path` on `sender`, until its response body ends or it is lost
+/// (see [`Outcome`]), within [`REQUEST_LIMIT`].
+pub async fn get(sender: &mut Sender, path: &str) -> Outcome {
     let gone = sender.gone().clone();
     let request = async {
-        let request = Request::get("/")
+        let request = Request::get(path)
             .header(HOST, "127.0.0.1")
             .body(Empty::new())
             .expect("request");

@@ -21,6 +21,10 @@ use tokio::task::JoinHandle;
 pub mod h2_websocket;
 pub mod websocket;
 
+/// The benchmarks' load client: the HTTP/2 load below uses it.
+#[path = "../../examples/bench_support/client.rs"]
+pub mod load_client;
+
 /// The `hello` example built next to this test binary.
 pub fn hello_binary() -> PathBuf {
     example_binary("hello")
@@ -454,13 +458,17 @@ pub fn kill_processes_from(dir: &Path) {
 
 /// Keep-alive HTTP/1 load from a pooled hyper client (which, like most
 /// clients, re-sends a request that was never written to a closed
-/// connection).
+/// connection), or HTTP/2 load from the benchmarks' client
+/// ([`load_client`]), one connection per client, reconnecting when a
+/// GOAWAY has closed it.
 pub struct Load {
     stop: Arc<AtomicBool>,
     pub ok: Arc<AtomicUsize>,
     pub failed: Arc<Mutex<Vec<String>>>,
     pub pids: Arc<Mutex<BTreeSet<u32>>>,
-    /// HTTP/2 requests refused unprocessed by a GOAWAY and sent again.
+    /// HTTP/2 requests refused unprocessed by a GOAWAY, or lost by hyper's
+    /// client after their connection had closed (see [`load_client`]), and
+    /// sent again.
     pub retried: Arc<AtomicUsize>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -477,40 +485,83 @@ impl Load {
         let failed = Arc::new(Mutex::new(Vec::new()));
         let pids = Arc::new(Mutex::new(BTreeSet::new()));
         let retried = Arc::new(AtomicUsize::new(0));
-        let tasks = (0..clients)
-            .map(|_| {
-                let client: Client<HttpConnector, Empty<Bytes>> =
-                    Client::builder(TokioExecutor::new())
-                        .http2_only(http2)
-                        .build_http();
-                let (stop, ok, failed, pids) =
-                    (stop.clone(), ok.clone(), failed.clone(), pids.clone());
-                let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
-                let retried = retried.clone();
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        let mut result = Self::one(&client, uri.clone()).await;
-                        // RFC 9113 6.8: a stream refused by GOAWAY (NO_ERROR)
-                        // was not processed; a client may send it again.
-                        // hyper-util's pooled client does not; we do, once.
-                        if result
-                            .as_ref()
-                            .is_err_and(|e| e.contains("GoAway(") && e.contains("NO_ERROR"))
-                        {
-                            retried.fetch_add(1, Ordering::Relaxed);
-                            result = Self::one(&client, uri.clone()).await;
-                        }
-                        match result {
-                            Ok(pid) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                pids.lock().unwrap().insert(pid);
+        let tasks = if http2 {
+            (0..clients)
+                .map(|_| {
+                    let (stop, ok, failed, pids, retried) = (
+                        stop.clone(),
+                        ok.clone(),
+                        failed.clone(),
+                        pids.clone(),
+                        retried.clone(),
+                    );
+                    tokio::spawn(async move {
+                        use load_client::Outcome;
+                        let mut connection = None;
+                        while !stop.load(Ordering::Relaxed) {
+                            let mut sender = match connection.take() {
+                                Some(sender) => sender,
+                                None => match load_client::connect(addr, true).await {
+                                    Ok(sender) => sender,
+                                    Err(e) => {
+                                        failed.lock().unwrap().push(e);
+                                        continue;
+                                    }
+                                },
+                            };
+                            match load_client::get(&mut sender, path).await {
+                                Outcome::Answered(body) => {
+                                    match String::from_utf8_lossy(&body)
+                                        .rsplit(' ')
+                                        .next()
+                                        .and_then(|pid| pid.parse().ok())
+                                    {
+                                        Some(pid) => {
+                                            ok.fetch_add(1, Ordering::Relaxed);
+                                            pids.lock().unwrap().insert(pid);
+                                        }
+                                        None => failed
+                                            .lock()
+                                            .unwrap()
+                                            .push(format!("unexpected body {body:?}")),
+                                    }
+                                    connection = Some(sender);
+                                }
+                                // Closing or closed: the next request
+                                // goes on a new connection.
+                                Outcome::NotSent { refused: false } => {}
+                                Outcome::NotSent { refused: true } | Outcome::LostByClient => {
+                                    retried.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Outcome::Failed(e) => failed.lock().unwrap().push(e),
                             }
-                            Err(e) => failed.lock().unwrap().push(e),
                         }
-                    }
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        } else {
+            (0..clients)
+                .map(|_| {
+                    let client: Client<HttpConnector, Empty<Bytes>> =
+                        Client::builder(TokioExecutor::new()).build_http();
+                    let (stop, ok, failed, pids) =
+                        (stop.clone(), ok.clone(), failed.clone(), pids.clone());
+                    let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
+                    tokio::spawn(async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            let result = Self::one(&client, uri.clone()).await;
+                            match result {
+                                Ok(pid) => {
+                                    ok.fetch_add(1, Ordering::Relaxed);
+                                    pids.lock().unwrap().insert(pid);
+                                }
+                                Err(e) => failed.lock().unwrap().push(e),
+                            }
+                        }
+                    })
+                })
+                .collect()
+        };
         Load {
             stop,
             ok,
