@@ -34,12 +34,11 @@
 //!
 //! hyper's HTTP/2 client (1.x, with h2 0.4) sometimes leaves a request
 //! pending forever when a GOAWAY ends its connection under load, even
-//! after the connection has closed cleanly and been dropped: seen about
-//! twice in 4,000 restarts here, and as often with a plain hyper-util
-//! server in place of handover. Such a request is also sent again, once
-//! the connection it went out on has been dropped for half a second, and
-//! counted apart as `lost by the client`. A request still unanswered on a
-//! live connection after 10 s is a failure.
+//! after the connection has closed cleanly and been dropped (see
+//! `bench_support/client.rs` and `goaway_race`). Such a request is also
+//! sent again, once the connection it went out on has been dropped for
+//! half a second, and counted apart as `lost by the client`. A request
+//! still unanswered on a live connection after 10 s is a failure.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
