@@ -109,25 +109,14 @@ async fn client(
     };
     let mut own: Option<Sender> = None;
     while !stop.load(Ordering::Relaxed) {
-        let mut sender = match &shared {
-            None => match own.take() {
-                Some(s) => s,
-                None => match client::connect(addr, false).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        fail(e);
-                        continue;
-                    }
-                },
-            },
-            Some(slot) => match client::shared_h2(slot, addr).await {
+        let mut sender =
+            match client::next_sender(addr, &mut own, shared.as_deref(), shared.is_some()).await {
                 Ok(s) => s,
                 Err(e) => {
                     fail(e);
                     continue;
                 }
-            },
-        };
+            };
         match client::get(&mut sender, "/").await {
             Outcome::Answered(_) => {
                 tally.answered.fetch_add(1, Ordering::Relaxed);

@@ -138,15 +138,6 @@ impl Record {
     }
 }
 
-fn pid_of(body: &[u8]) -> Option<u32> {
-    std::str::from_utf8(body)
-        .ok()?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// One client: a connection (or an HTTP/2 stream on a shared connection)
 /// sending requests back to back until `stop`, reconnecting when the server
 /// closes the connection gracefully.
@@ -171,30 +162,18 @@ async fn client(
     };
     while !stop.load(Ordering::Relaxed) {
         let connecting = Instant::now();
-        // Get a sender: our own (HTTP/1) or a clone of the shared HTTP/2 one.
-        let mut sender = match &shared {
-            None => match own.take() {
-                Some(s) => s,
-                None => match client::connect(addr, false).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        record.failed.push(failure(e, connecting, last_pid));
-                        continue;
-                    }
-                },
-            },
-            Some(slot) => match client::shared_h2(slot, addr).await {
-                Ok(s) => s,
-                Err(e) => {
-                    record.failed.push(failure(e, connecting, last_pid));
-                    continue;
-                }
-            },
+        // Our own HTTP/1 connection, or a stream of the shared HTTP/2 one.
+        let mut sender = match client::next_sender(addr, &mut own, shared.as_deref(), h2).await {
+            Ok(s) => s,
+            Err(e) => {
+                record.failed.push(failure(e, connecting, last_pid));
+                continue;
+            }
         };
         let started = Instant::now();
         match client::get(&mut sender, "/").await {
             Outcome::Answered(body) => {
-                let Some(pid) = pid_of(&body) else {
+                let Some(pid) = client::pid_of(&body) else {
                     record
                         .failed
                         .push(failure("unexpected body".into(), started, last_pid));

@@ -52,7 +52,7 @@ impl Upgrader {
         // next generation: "." names it.
         let physical = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         let start_dir = FileId::of(&physical);
-        let cwd = logical_dir(physical, std::env::var_os("PWD"));
+        let cwd = logical_dir(physical, start_dir, std::env::var_os("PWD"));
         let mut args = std::env::args_os();
         let invoked = args.next().and_then(|argv0| {
             let path_var = std::env::var_os("PATH");
@@ -284,11 +284,6 @@ impl FileId {
     }
 }
 
-/// Whether `a` and `b` both exist and name the same file.
-fn same_file(a: &Path, b: &Path) -> bool {
-    FileId::of(a).is_some_and(|a| FileId::of(b) == Some(a))
-}
-
 /// The identity of the binary this process runs, even if it has been
 /// deleted or replaced since.
 fn running_binary() -> Option<FileId> {
@@ -300,15 +295,20 @@ fn running_binary() -> Option<FileId> {
 }
 
 /// `$PWD` if it is an absolute path to the directory `physical` (what
-/// `getcwd` says, every symlink resolved), else `physical`.
+/// `getcwd` says, every symlink resolved), whose identity is
+/// `physical_id`; else `physical`.
 ///
 /// A shell started in `/srv/app/current` sets `PWD` to that, while
 /// `getcwd` says `/srv/app/releases/v1`. Once a deploy points `current` at
 /// `releases/v2`, the next generation must start there, as unicorn and
 /// other re-executing servers have long done.
-fn logical_dir(physical: PathBuf, pwd: Option<OsString>) -> PathBuf {
+fn logical_dir(physical: PathBuf, physical_id: Option<FileId>, pwd: Option<OsString>) -> PathBuf {
     match pwd.map(PathBuf::from) {
-        Some(pwd) if pwd.is_absolute() && same_file(&pwd, &physical) => pwd,
+        Some(pwd)
+            if pwd.is_absolute() && physical_id.is_some() && FileId::of(&pwd) == physical_id =>
+        {
+            pwd
+        }
         _ => physical,
     }
 }
@@ -429,7 +429,9 @@ mod tests {
     fn the_working_directory_is_pwd_only_when_it_names_the_same_directory() {
         let l = Layout::new("pwd");
         let physical = l.dir.join("bin");
-        let logical = |pwd: Option<PathBuf>| logical_dir(physical.clone(), pwd.map(Into::into));
+        let physical_id = FileId::of(&physical);
+        let logical =
+            |pwd: Option<PathBuf>| logical_dir(physical.clone(), physical_id, pwd.map(Into::into));
         assert_eq!(logical(Some(l.dir.join("current"))), l.dir.join("current"));
         // Unset (systemd sets no PWD), stale, relative, or missing.
         assert_eq!(logical(None), physical);

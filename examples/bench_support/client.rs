@@ -125,6 +125,33 @@ async fn connect_now(addr: std::net::SocketAddr, h2: bool) -> Result<Sender, Str
     }
 }
 
+/// The sender for a client's next request: a stream of the HTTP/2
+/// connection in `shared` (see [`shared_h2`]); else `kept`, the client's
+/// own connection kept after its last answer, or a new one (HTTP/2 if
+/// `h2`).
+pub async fn next_sender(
+    addr: std::net::SocketAddr,
+    kept: &mut Option<Sender>,
+    shared: Option<&tokio::sync::Mutex<Option<Sender>>>,
+    h2: bool,
+) -> Result<Sender, String> {
+    match (shared, kept.take()) {
+        (Some(slot), _) => shared_h2(slot, addr).await,
+        (None, Some(sender)) => Ok(sender),
+        (None, None) => connect(addr, h2).await,
+    }
+}
+
+/// The pid `hello` ends each answer with (`hello from <pid>`).
+pub fn pid_of(body: &[u8]) -> Option<u32> {
+    std::str::from_utf8(body)
+        .ok()?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A stream of the HTTP/2 connection in `slot`, shared by several clients:
 /// a new connection first if there is none, or if it is closed.
 pub async fn shared_h2(

@@ -499,23 +499,17 @@ impl Load {
                         use load_client::Outcome;
                         let mut connection = None;
                         while !stop.load(Ordering::Relaxed) {
-                            let mut sender = match connection.take() {
-                                Some(sender) => sender,
-                                None => match load_client::connect(addr, true).await {
-                                    Ok(sender) => sender,
-                                    Err(e) => {
-                                        failed.lock().unwrap().push(e);
-                                        continue;
-                                    }
-                                },
+                            let next = load_client::next_sender(addr, &mut connection, None, true);
+                            let mut sender = match next.await {
+                                Ok(sender) => sender,
+                                Err(e) => {
+                                    failed.lock().unwrap().push(e);
+                                    continue;
+                                }
                             };
                             match load_client::get(&mut sender, path).await {
                                 Outcome::Answered(body) => {
-                                    match String::from_utf8_lossy(&body)
-                                        .rsplit(' ')
-                                        .next()
-                                        .and_then(|pid| pid.parse().ok())
-                                    {
+                                    match load_client::pid_of(&body) {
                                         Some(pid) => {
                                             ok.fetch_add(1, Ordering::Relaxed);
                                             pids.lock().unwrap().insert(pid);
@@ -587,14 +581,13 @@ impl Load {
             .await
             .map_err(|e| format!("body: {e:?}"))?
             .to_bytes();
-        let body = String::from_utf8_lossy(&body);
         if !status.is_success() {
-            return Err(format!("status {status}: {body}"));
+            return Err(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
         }
-        body.rsplit(' ')
-            .next()
-            .and_then(|pid| pid.parse().ok())
-            .ok_or_else(|| format!("unexpected body {body:?}"))
+        load_client::pid_of(&body).ok_or_else(|| format!("unexpected body {body:?}"))
     }
 
     /// Waits until `n` more requests have been answered.
