@@ -6,6 +6,8 @@
 //!
 //! - `GET /` answers `hello from <pid>`;
 //! - `GET /visits` counts visits to this generation (application state);
+//! - `GET /whoami` answers `you are <client address>, served by <pid>`
+//!   (axum's `ConnectInfo`, filled in by `connect_info`);
 //! - `POST /echo` sends the request body back;
 //! - `GET /ready` is a readiness probe: 200 while serving, 503 once this
 //!   generation drains (for Kubernetes-style rolling updates);
@@ -30,8 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -53,6 +55,10 @@ async fn hello() -> String {
 async fn visits(State(state): State<Arc<AppState>>) -> String {
     let n = state.visits.fetch_add(1, Ordering::Relaxed) + 1;
     format!("visit {n} to {}", std::process::id())
+}
+
+async fn whoami(ConnectInfo(client): ConnectInfo<SocketAddr>) -> String {
+    format!("you are {client}, served by {}", std::process::id())
 }
 
 async fn echo(body: String) -> String {
@@ -153,6 +159,7 @@ fn app(handover: &Handover) -> Router {
     Router::new()
         .route("/", get(hello))
         .route("/visits", get(visits))
+        .route("/whoami", get(whoami))
         .route("/echo", post(echo))
         .route("/events", get(events))
         .route("/ws", any(ws))
@@ -204,7 +211,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = handover.tcp("http", addr)?;
         tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
-        let exit = handover.serve(listener, app(&handover)).await?;
+        let exit = handover
+            .serve(listener, app(&handover))
+            // As `into_make_service_with_connect_info` does for `axum::serve`.
+            .connect_info(|_, client: &SocketAddr| ConnectInfo(*client))
+            .await?;
         match exit {
             Exit::HandedOver { pid, report } => {
                 tracing::info!(new_pid = pid, %report, "handed over")

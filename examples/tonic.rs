@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
 use handover::{Handover, ShutdownSignal};
+use tokio::net::TcpStream;
 use tokio_stream::wrappers::IntervalStream;
+use tonic::transport::server::TcpConnectInfo;
 use tonic::{Request, Response, Status};
 
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
@@ -50,10 +52,13 @@ impl Ticker for TickerService {
     type TicksStream = TickStream;
 
     async fn ticks(&self, request: Request<TicksRequest>) -> Result<Response<TickStream>, Status> {
+        // Filled in by `connect_info` below, as tonic's own server does.
+        let client = request.remote_addr();
         let TicksRequest {
             interval_ms,
             from_seq,
         } = request.into_inner();
+        tracing::info!(?client, from_seq, "ticks stream opened");
         let interval = Duration::from_millis(interval_ms.clamp(1, 60_000));
         let pid = std::process::id();
         let ticks = IntervalStream::new(tokio::time::interval(interval))
@@ -119,7 +124,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         });
         // tonic's generated server is a tower service: handover serves it
         // over HTTP/2 (h2c) and counts every call and stream.
-        let exit = handover.serve(listener, service).await?;
+        let exit = handover
+            .serve(listener, service)
+            // What tonic's `Request::remote_addr` reads.
+            .connect_info(|io: &TcpStream, client: &SocketAddr| TcpConnectInfo {
+                local_addr: io.local_addr().ok(),
+                remote_addr: Some(*client),
+            })
+            .await?;
         tracing::info!(report = %exit.report(), ?exit, "exiting");
         Ok(())
     })

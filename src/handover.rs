@@ -490,15 +490,45 @@ impl fmt::Debug for Handover {
 
 /// The future-to-be of [`Handover::serve`]; `.await` it.
 #[must_use = "a server does nothing until it is `.await`ed"]
-pub struct HandoverServe<L, S> {
+pub struct HandoverServe<L: Listener, S> {
     handover: Handover,
     serve: crate::Serve<L, S>,
 }
 
-impl<L, S> HandoverServe<L, S> {
+impl<L: Listener, S> HandoverServe<L, S> {
     /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
     pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
         self.serve = self.serve.tcp_nodelay(nodelay);
+        self
+    }
+
+    /// Gives every request what `make` says of its connection, such as
+    /// axum's `ConnectInfo`; see [`Serve::connect_info`](crate::Serve::connect_info).
+    ///
+    /// ```no_run
+    /// use std::net::SocketAddr;
+    /// use axum::{Router, extract::ConnectInfo, routing::get};
+    ///
+    /// # async fn run() -> Result<(), handover::Error> {
+    /// let handover = handover::Handover::from_env()?;
+    /// let listener = handover.tcp("http", "127.0.0.1:3000")?;
+    /// let app = Router::new().route(
+    ///     "/",
+    ///     get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("hello {peer}") }),
+    /// );
+    /// handover
+    ///     .serve(listener, app)
+    ///     .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn connect_info<T, F>(mut self, make: F) -> Self
+    where
+        F: Fn(&L::Io, &L::Addr) -> T + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
+        self.serve = self.serve.connect_info(make);
         self
     }
 }

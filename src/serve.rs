@@ -26,6 +26,12 @@ use crate::layer::GracefulService;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// Adds one connection's values to the extensions of a request on it.
+type Extend = Arc<dyn Fn(&mut http::Extensions) + Send + Sync>;
+/// Makes a connection's [`Extend`] from its IO and peer address.
+type MakeExtend<L> =
+    Arc<dyn Fn(&<L as Listener>::Io, &<L as Listener>::Addr) -> Extend + Send + Sync>;
+
 /// Default for [`Serve::idle_grace`].
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
 /// Default for [`Serve::drain_timeout`].
@@ -163,12 +169,13 @@ where
         drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         close_grace: None,
         tcp_nodelay: true,
+        connect_info: None,
     }
 }
 
 /// The builder returned by [`serve`]; `.await` it to run the server.
 #[must_use = "a server does nothing until it is `.await`ed"]
-pub struct Serve<L, S> {
+pub struct Serve<L: Listener, S> {
     listener: L,
     service: S,
     graceful: Graceful,
@@ -176,9 +183,10 @@ pub struct Serve<L, S> {
     drain_timeout: Duration,
     close_grace: Option<Duration>,
     tcp_nodelay: bool,
+    connect_info: Option<MakeExtend<L>>,
 }
 
-impl<L, S> Serve<L, S> {
+impl<L: Listener, S> Serve<L, S> {
     /// How long an HTTP/1 connection may stay open once the drain has
     /// started before it is shut down (500 ms by default).
     ///
@@ -218,6 +226,60 @@ impl<L, S> Serve<L, S> {
         self.tcp_nodelay = nodelay;
         self
     }
+
+    /// Gives every request what `make` says of its connection, in its
+    /// extensions: who the peer is, as `axum::serve` does for axum's
+    /// `ConnectInfo` and tonic's server for `Request::remote_addr`.
+    ///
+    /// `make` runs once per connection, when it is accepted, with the
+    /// accepted IO and the peer's address; each request on that connection
+    /// gets a clone of its value. Call it again to add another value.
+    /// Without it, requests carry no connection information.
+    ///
+    /// # Examples
+    ///
+    /// axum's `ConnectInfo` extractor, and tonic's `remote_addr`:
+    ///
+    /// ```no_run
+    /// use std::net::SocketAddr;
+    /// use axum::{Router, extract::ConnectInfo, routing::get};
+    /// use tokio::net::TcpStream;
+    /// use tonic::transport::server::TcpConnectInfo;
+    ///
+    /// # async fn run(graceful: handover::Graceful) -> std::io::Result<()> {
+    /// let app = Router::new().route(
+    ///     "/",
+    ///     get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("hello {peer}") }),
+    /// );
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// handover::serve(listener, app, &graceful)
+    ///     .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
+    ///     .connect_info(|io: &TcpStream, peer: &SocketAddr| TcpConnectInfo {
+    ///         local_addr: io.local_addr().ok(),
+    ///         remote_addr: Some(*peer),
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn connect_info<T, F>(mut self, make: F) -> Self
+    where
+        F: Fn(&L::Io, &L::Addr) -> T + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
+        let previous = self.connect_info.take();
+        self.connect_info = Some(Arc::new(move |io: &L::Io, addr: &L::Addr| {
+            let before = previous.as_ref().map(|previous| previous(io, addr));
+            let info = make(io, addr);
+            Arc::new(move |extensions: &mut http::Extensions| {
+                if let Some(before) = &before {
+                    before(extensions);
+                }
+                extensions.insert(info.clone());
+            }) as Extend
+        }));
+        self
+    }
 }
 
 impl<L: Listener, S> fmt::Debug for Serve<L, S> {
@@ -228,6 +290,7 @@ impl<L: Listener, S> fmt::Debug for Serve<L, S> {
             .field("drain_timeout", &self.drain_timeout)
             .field("close_grace", &self.close_grace)
             .field("tcp_nodelay", &self.tcp_nodelay)
+            .field("connect_info", &self.connect_info.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -255,6 +318,7 @@ where
                 drain_timeout,
                 close_grace,
                 tcp_nodelay,
+                connect_info,
             } = self;
             if let Some(close_grace) = close_grace {
                 graceful.set_close_grace(close_grace);
@@ -296,9 +360,11 @@ where
                 if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
                     log!(debug, error = %e, ?peer, "could not set TCP_NODELAY");
                 }
+                let extend = connect_info.as_ref().map(|make| make(&io, &peer));
                 tokio::spawn(serve_connection(
                     io,
                     service.clone(),
+                    extend,
                     builder.clone(),
                     graceful.clone(),
                     graceful.connection_token(),
@@ -333,6 +399,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 async fn serve_connection<I, S, B>(
     io: I,
     service: GracefulService<S>,
+    extend: Option<Extend>,
     builder: Arc<Builder<TokioExecutor>>,
     graceful: Graceful,
     token: ConnectionToken,
@@ -352,6 +419,7 @@ async fn serve_connection<I, S, B>(
     let service = TowerToHyperService::new(CountBusy {
         inner: service.upgrades_tracked(),
         busy: busy.clone(),
+        extend,
     });
     // Set when the close grace forced the connection for its HTTP/2 tunnels.
     let mut tunnels_forced = false;
@@ -489,10 +557,13 @@ impl Busy {
 ///
 /// Kept out of [`GracefulService`], whose guard stays one pointer for every
 /// other server.
+///
+/// It also adds the connection's [`Serve::connect_info`] to each request.
 #[derive(Clone)]
 struct CountBusy<S> {
     inner: S,
     busy: Arc<Busy>,
+    extend: Option<Extend>,
 }
 
 struct BusyGuard(Arc<Busy>);
@@ -518,8 +589,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         self.busy.count.fetch_add(1, Ordering::SeqCst);
+        if let Some(extend) = &self.extend {
+            extend(req.extensions_mut());
+        }
         // Only HTTP/2 carries `:protocol`, and only with extended CONNECT.
         let tunnel = req.method() == Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some();

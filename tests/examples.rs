@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use support::websocket::expect_going_away;
 use support::{Deploy, Load, Server, h2_websocket, kill_processes_from, open_events};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -103,6 +104,19 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
             );
             load.wait_pid(new).await;
         }
+        // A generation that inherited its socket still tells each handler
+        // its own client (axum's `ConnectInfo`).
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let client = stream.local_addr().unwrap();
+        stream
+            .write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        let expected = format!("you are {client}, served by {}", server.current_pid());
+        assert!(response.ends_with(&expected), "{response}");
         load.stop_all_answered().await;
         server.stop().await;
     })
@@ -219,6 +233,16 @@ async fn tonic_example_streams_across_restarts_and_resumes_on_the_new_generation
             assert_eq!((tick.seq, tick.pid), (next_seq, new));
             drop(resumed);
         }
+        // Every generation's handler saw its client (tonic's `remote_addr`,
+        // filled in by `connect_info`): the first stream's and the last.
+        let opened = |text: &str| {
+            text.matches("ticks stream opened client=Some(127.0.0.1:")
+                .count()
+        };
+        support::wait_until("the log names each stream's client", BOUND, || {
+            opened(&server.log_text()) >= 4
+        })
+        .await;
 
         stop.store(true, Ordering::Relaxed);
         let mut answered = 0;

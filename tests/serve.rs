@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::routing::get;
 use bytes::Bytes;
 use handover::{DrainReport, Graceful};
@@ -20,9 +21,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::IntoFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::unix::UCred;
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
+use tonic::transport::server::TcpConnectInfo;
 
 #[path = "support/h2_websocket.rs"]
 mod h2_websocket;
@@ -483,6 +486,121 @@ async fn malformed_http_during_a_drain_never_holds_the_process() {
             .await
             .expect("the endless connection was closed");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    })
+    .await
+    .unwrap();
+}
+
+/// What `connect_info` makes of a connection reaches every request on it,
+/// over HTTP/1 and HTTP/2: axum's `ConnectInfo` extractor and tonic's
+/// `TcpConnectInfo` (which its `Request::remote_addr` reads) name the
+/// request's own client, not another connection's.
+#[tokio::test]
+async fn connect_info_tells_each_request_the_peer_of_its_own_connection() {
+    timeout(BOUND, async {
+        async fn peer(
+            ConnectInfo(peer): ConnectInfo<SocketAddr>,
+            Extension(info): Extension<TcpConnectInfo>,
+        ) -> String {
+            format!("{peer} {:?} {:?}", info.local_addr, info.remote_addr)
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let graceful = Graceful::new();
+        let app = Router::new().route("/peer", get(peer));
+        let serve = handover::serve(listener, app, &graceful)
+            .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
+            .connect_info(|io: &TcpStream, peer: &SocketAddr| TcpConnectInfo {
+                local_addr: io.local_addr().ok(),
+                remote_addr: Some(*peer),
+            });
+        let server = tokio::spawn(serve.into_future());
+        let expected = |client: SocketAddr| format!("{client} Some({addr}) Some({client})");
+        let body = |res: http::Response<hyper::body::Incoming>| async move {
+            assert_eq!(res.status(), StatusCode::OK);
+            res.into_body().collect().await.unwrap().to_bytes()
+        };
+
+        // Two HTTP/1 keep-alive connections, two requests each, in turn.
+        let mut h1 = Vec::new();
+        for _ in 0..2 {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let client = stream.local_addr().unwrap();
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            h1.push((client, sender));
+        }
+        for _ in 0..2 {
+            for (client, sender) in &mut h1 {
+                let res = sender.send_request(get_req("/peer")).await.unwrap();
+                assert_eq!(body(res).await, expected(*client));
+            }
+        }
+        // One HTTP/2 connection, two streams at once.
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let client = stream.local_addr().unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let (a, b) = tokio::join!(
+            sender.clone().send_request(get_req("/peer")),
+            sender.clone().send_request(get_req("/peer")),
+        );
+        assert_eq!(body(a.unwrap()).await, expected(client));
+        assert_eq!(body(b.unwrap()).await, expected(client));
+
+        drop((h1, sender));
+        graceful.start_drain();
+        let report = server.await.unwrap().unwrap();
+        assert!(report.is_clean(), "{report}");
+    })
+    .await
+    .unwrap();
+}
+
+/// On a Unix socket, `connect_info` can hand each request its peer's
+/// credentials.
+#[tokio::test]
+async fn connect_info_on_a_unix_socket_gives_requests_the_peers_credentials() {
+    timeout(BOUND, async {
+        let dir = std::env::temp_dir().join(format!("handover-serve-ucred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let graceful = Graceful::new();
+        let app = Router::new().route(
+            "/whoami",
+            get(|Extension(cred): Extension<UCred>| async move {
+                format!("pid {:?} uid {}", cred.pid(), cred.uid())
+            }),
+        );
+        let serve = handover::serve(listener, app, &graceful)
+            .connect_info(|io: &UnixStream, _| io.peer_cred().unwrap());
+        let server = tokio::spawn(serve.into_future());
+
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let own = stream.peer_cred().unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let res = sender.send_request(get_req("/whoami")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        // Client and server are this process.
+        assert_eq!(own.pid(), Some(std::process::id() as i32));
+        assert_eq!(body, format!("pid {:?} uid {}", own.pid(), own.uid()));
+
+        drop(sender);
+        graceful.start_drain();
+        let report = server.await.unwrap().unwrap();
+        assert!(report.is_clean(), "{report}");
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .await
     .unwrap();
