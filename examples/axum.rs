@@ -2,7 +2,15 @@
 //!
 //! ```text
 //! cargo run --release --example axum -- [--addr 127.0.0.1:3001] [--pid-file PATH]
+//!     [--tls-cert CERT.pem --tls-key KEY.pem]
 //! ```
+//!
+//! With `--tls-cert` and `--tls-key` it serves HTTPS (HTTP/2 and HTTP/1.1 by
+//! ALPN) through tokio-rustls. Each generation reads the certificate when it
+//! starts, so after a renewal `kill -HUP` puts the new one in service
+//! without dropping a connection; a renewal that left a broken certificate
+//! or key fails the new generation's start-up, and the old generation goes
+//! on serving the old certificate.
 //!
 //! - `GET /` answers `hello from <pid>`;
 //! - `GET /visits` counts visits to this generation (application state);
@@ -27,7 +35,7 @@
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -41,6 +49,10 @@ use axum::routing::{any, get, post};
 use axum::{Extension, Router};
 use futures_util::{SinkExt, Stream, StreamExt, stream};
 use handover::{Exit, Handover, ShutdownSignal};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_stream::wrappers::IntervalStream;
 
 #[derive(Default)]
@@ -155,6 +167,26 @@ async fn echo_split(socket: WebSocket, shutdown: ShutdownSignal) {
     let _ = reader.await;
 }
 
+/// A TLS server for the PEM certificate chain and key at these paths,
+/// offering HTTP/2 and HTTP/1.1 by ALPN.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Box<dyn std::error::Error>> {
+    let read_error = |path: &Path, e| format!("reading {}: {e}", path.display());
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| read_error(cert, e))?;
+    if chain.is_empty() {
+        return Err(format!("reading {}: no certificate in it", cert.display()).into());
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| read_error(key, e))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 fn app(handover: &Handover) -> Router {
     Router::new()
         .route("/", get(hello))
@@ -193,15 +225,26 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut addr = SocketAddr::from(([127, 0, 0, 1], 3001));
     let mut pid_file: Option<PathBuf> = None;
+    let mut tls_cert: Option<PathBuf> = None;
+    let mut tls_key: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--addr" => addr = value.parse()?,
             "--pid-file" => pid_file = Some(value.into()),
+            "--tls-cert" => tls_cert = Some(value.into()),
+            "--tls-key" => tls_key = Some(value.into()),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
+    // Read before anything is served: a broken certificate stops this
+    // generation's start-up, and the one before it keeps serving.
+    let tls = match (tls_cert, tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)?),
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
     let mut builder = Handover::builder().drain_timeout(Duration::from_secs(10));
     if let Some(path) = pid_file {
         builder = builder.pid_file(path);
@@ -210,12 +253,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = handover.tcp("http", addr)?;
-        tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
-        let exit = handover
+        tracing::info!(
+            pid = std::process::id(),
+            addr = %listener.local_addr()?,
+            tls = tls.is_some(),
+            "listening"
+        );
+        let serve = handover
             .serve(listener, app(&handover))
             // As `into_make_service_with_connect_info` does for `axum::serve`.
-            .connect_info(|_, client: &SocketAddr| ConnectInfo(*client))
-            .await?;
+            .connect_info(|_, client: &SocketAddr| ConnectInfo(*client));
+        let exit = match tls {
+            Some(tls) => serve.acceptor(move |tcp| tls.accept(tcp)).await?,
+            None => serve.await?,
+        };
         match exit {
             Exit::HandedOver { pid, report } => {
                 tracing::info!(new_pid = pid, %report, "handed over")

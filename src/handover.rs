@@ -21,7 +21,7 @@ use crate::graceful::{DEFAULT_CLOSE_GRACE, DrainReport, Graceful};
 use crate::layer::GracefulLayer;
 use crate::listener::Listeners;
 use crate::notify;
-use crate::serve::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, Listener};
+use crate::serve::{Accept, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, DefaultAcceptor, Listener};
 use crate::upgrade::Upgrader;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -490,12 +490,12 @@ impl fmt::Debug for Handover {
 
 /// The future-to-be of [`Handover::serve`]; `.await` it.
 #[must_use = "a server does nothing until it is `.await`ed"]
-pub struct HandoverServe<L: Listener, S> {
+pub struct HandoverServe<L: Listener, S, A = DefaultAcceptor> {
     handover: Handover,
-    serve: crate::Serve<L, S>,
+    serve: crate::Serve<L, S, A>,
 }
 
-impl<L: Listener, S> HandoverServe<L, S> {
+impl<L: Listener, S, A> HandoverServe<L, S, A> {
     /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
     pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
         self.serve = self.serve.tcp_nodelay(nodelay);
@@ -531,9 +531,32 @@ impl<L: Listener, S> HandoverServe<L, S> {
         self.serve = self.serve.connect_info(make);
         self
     }
+
+    /// Runs `acceptor` (a TLS handshake, say) on each accepted connection
+    /// and serves HTTP on what it returns; see
+    /// [`Serve::acceptor`](crate::Serve::acceptor).
+    ///
+    /// Each generation builds its acceptor at start-up, so a `SIGHUP` after
+    /// a certificate renewal is all it takes to serve the new certificate.
+    pub fn acceptor<B>(self, acceptor: B) -> HandoverServe<L, S, B>
+    where
+        B: Accept<L::Io>,
+    {
+        HandoverServe {
+            handover: self.handover,
+            serve: self.serve.acceptor(acceptor),
+        }
+    }
+
+    /// The longest an acceptor's handshake may take (10 s by default); see
+    /// [`Serve::handshake_timeout`](crate::Serve::handshake_timeout).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.serve = self.serve.handshake_timeout(timeout);
+        self
+    }
 }
 
-impl<L: Listener, S> fmt::Debug for HandoverServe<L, S> {
+impl<L: Listener, S, A> fmt::Debug for HandoverServe<L, S, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandoverServe")
             .field("serve", &self.serve)
@@ -541,9 +564,10 @@ impl<L: Listener, S> fmt::Debug for HandoverServe<L, S> {
     }
 }
 
-impl<L, S, B> IntoFuture for HandoverServe<L, S>
+impl<L, S, B, A> IntoFuture for HandoverServe<L, S, A>
 where
     L: Listener,
+    A: Accept<L::Io>,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,

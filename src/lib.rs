@@ -56,7 +56,9 @@
 //!   axum router or tonic server, with any accept loop.
 //! - [`serve`]: an accept loop on hyper-util's HTTP/1 + HTTP/2 builder that
 //!   tracks every connection and drains each protocol the way its clients
-//!   can take without an error.
+//!   can take without an error. It terminates TLS through
+//!   [`Serve::acceptor`], and gives requests their connection's peer
+//!   through [`Serve::connect_info`].
 //!
 //! # What a client sees during a drain
 //!
@@ -115,4 +117,7 @@ pub use graceful::{
     UpgradeToken,
 };
 pub use layer::{GracefulLayer, GracefulService, ResponseFuture, TrackedBody};
-pub use serve::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, Listener, Serve, serve};
+pub use serve::{
+    Accept, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_GRACE, DefaultAcceptor,
+    Listener, Serve, serve,
+};

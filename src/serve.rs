@@ -36,6 +36,8 @@ type MakeExtend<L> =
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
 /// Default for [`Serve::drain_timeout`].
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`Serve::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A source of connections for [`serve`]: a TCP or Unix listener, or your own.
 ///
@@ -88,6 +90,57 @@ impl Listener for tokio::net::UnixListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         tokio::net::UnixListener::local_addr(self)
+    }
+}
+
+/// Makes the stream that HTTP is served on from an accepted connection,
+/// such as a TLS handshake. Set with [`Serve::acceptor`].
+///
+/// Any `Fn(I) -> impl Future<Output = io::Result<Io>>` is one, such as
+/// `move |tcp| tls.accept(tcp)` with tokio-rustls's `TlsAcceptor`.
+///
+/// The future runs in the connection's own task, so a slow handshake holds
+/// up no other connection, and the connection counts from the moment it is
+/// accepted, so a drain waits for a handshake in progress (see
+/// [`Serve::acceptor`] for how long).
+pub trait Accept<I>: Send + Sync + 'static {
+    /// The stream HTTP is served on.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The handshake.
+    type Future: Future<Output = io::Result<Self::Io>> + Send + 'static;
+
+    /// Starts the handshake on an accepted connection.
+    fn accept(&self, io: I) -> Self::Future;
+}
+
+/// The [`Accept`] that serves HTTP on each connection as it was accepted:
+/// what [`serve`] does unless [`Serve::acceptor`] says otherwise.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultAcceptor;
+
+impl<I> Accept<I> for DefaultAcceptor
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = I;
+    type Future = std::future::Ready<io::Result<I>>;
+
+    fn accept(&self, io: I) -> Self::Future {
+        std::future::ready(Ok(io))
+    }
+}
+
+impl<I, F, Fut, Io> Accept<I> for F
+where
+    F: Fn(I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<Io>> + Send + 'static,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = Io;
+    type Future = Fut;
+
+    fn accept(&self, io: I) -> Self::Future {
+        self(io)
     }
 }
 
@@ -170,12 +223,14 @@ where
         close_grace: None,
         tcp_nodelay: true,
         connect_info: None,
+        acceptor: Arc::new(DefaultAcceptor),
+        handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
     }
 }
 
 /// The builder returned by [`serve`]; `.await` it to run the server.
 #[must_use = "a server does nothing until it is `.await`ed"]
-pub struct Serve<L: Listener, S> {
+pub struct Serve<L: Listener, S, A = DefaultAcceptor> {
     listener: L,
     service: S,
     graceful: Graceful,
@@ -184,9 +239,11 @@ pub struct Serve<L: Listener, S> {
     close_grace: Option<Duration>,
     tcp_nodelay: bool,
     connect_info: Option<MakeExtend<L>>,
+    acceptor: Arc<A>,
+    handshake_timeout: Duration,
 }
 
-impl<L: Listener, S> Serve<L, S> {
+impl<L: Listener, S, A> Serve<L, S, A> {
     /// How long an HTTP/1 connection may stay open once the drain has
     /// started before it is shut down (500 ms by default).
     ///
@@ -280,9 +337,84 @@ impl<L: Listener, S> Serve<L, S> {
         }));
         self
     }
+
+    /// Runs `acceptor` on each accepted connection and serves HTTP on the
+    /// stream it returns: terminates TLS, for one.
+    ///
+    /// The handshake runs in the connection's own task, bounded by
+    /// [`handshake_timeout`](Serve::handshake_timeout); a connection whose
+    /// handshake fails or times out is closed (and logged at `debug`). The
+    /// connection counts from its `accept`, so a drain waits for a
+    /// handshake in progress, for at most [`idle_grace`](Serve::idle_grace):
+    /// a client that connected just before the drain started finishes its
+    /// handshake and is served, with `Connection: close` or GOAWAY as any
+    /// other, and one that stays silent is closed then, as an idle
+    /// connection is. [`connect_info`](Serve::connect_info) and
+    /// [`tcp_nodelay`](Serve::tcp_nodelay) apply to the connection as
+    /// accepted, before the handshake.
+    ///
+    /// For HTTP/2 over TLS, offer it by ALPN (`h2`, then `http/1.1`): HTTP/1.1
+    /// and HTTP/2 share the port, told apart by what the client sends first.
+    ///
+    /// # Examples
+    ///
+    /// TLS with tokio-rustls, the certificate read at start-up, so that each
+    /// new generation serves the certificate on disk when it starts (a
+    /// `SIGHUP` after a renewal is enough):
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use axum::{Router, routing::get};
+    /// use tokio_rustls::TlsAcceptor;
+    /// use tokio_rustls::rustls::ServerConfig;
+    /// use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    ///
+    /// # async fn run(
+    /// #     graceful: handover::Graceful,
+    /// #     chain: Vec<CertificateDer<'static>>,
+    /// #     key: PrivateKeyDer<'static>,
+    /// # ) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut config = ServerConfig::builder()
+    ///     .with_no_client_auth()
+    ///     .with_single_cert(chain, key)?;
+    /// config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    /// let tls = TlsAcceptor::from(Arc::new(config));
+    ///
+    /// let app = Router::new().route("/", get(|| async { "hello over TLS" }));
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3443").await?;
+    /// handover::serve(listener, app, &graceful)
+    ///     .acceptor(move |tcp| tls.accept(tcp))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn acceptor<B>(self, acceptor: B) -> Serve<L, S, B>
+    where
+        B: Accept<L::Io>,
+    {
+        Serve {
+            listener: self.listener,
+            service: self.service,
+            graceful: self.graceful,
+            idle_grace: self.idle_grace,
+            drain_timeout: self.drain_timeout,
+            close_grace: self.close_grace,
+            tcp_nodelay: self.tcp_nodelay,
+            connect_info: self.connect_info,
+            acceptor: Arc::new(acceptor),
+            handshake_timeout: self.handshake_timeout,
+        }
+    }
+
+    /// The longest an [`acceptor`](Serve::acceptor)'s handshake may take
+    /// (10 s by default) before its connection is closed.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
 }
 
-impl<L: Listener, S> fmt::Debug for Serve<L, S> {
+impl<L: Listener, S, A> fmt::Debug for Serve<L, S, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serve")
             .field("local_addr", &self.listener.local_addr().ok())
@@ -291,13 +423,16 @@ impl<L: Listener, S> fmt::Debug for Serve<L, S> {
             .field("close_grace", &self.close_grace)
             .field("tcp_nodelay", &self.tcp_nodelay)
             .field("connect_info", &self.connect_info.is_some())
+            .field("acceptor", &std::any::type_name::<A>())
+            .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
     }
 }
 
-impl<L, S, B> IntoFuture for Serve<L, S>
+impl<L, S, B, A> IntoFuture for Serve<L, S, A>
 where
     L: Listener,
+    A: Accept<L::Io>,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -319,6 +454,8 @@ where
                 close_grace,
                 tcp_nodelay,
                 connect_info,
+                acceptor,
+                handshake_timeout,
             } = self;
             if let Some(close_grace) = close_grace {
                 graceful.set_close_grace(close_grace);
@@ -361,15 +498,22 @@ where
                     log!(debug, error = %e, ?peer, "could not set TCP_NODELAY");
                 }
                 let extend = connect_info.as_ref().map(|make| make(&io, &peer));
-                tokio::spawn(serve_connection(
-                    io,
-                    service.clone(),
-                    extend,
-                    builder.clone(),
-                    graceful.clone(),
-                    graceful.connection_token(),
-                    idle_grace,
-                ));
+                // Counted from now: a drain waits for the handshake too.
+                let token = graceful.connection_token();
+                let acceptor = acceptor.clone();
+                let service = service.clone();
+                let builder = builder.clone();
+                let graceful = graceful.clone();
+                tokio::spawn(async move {
+                    let handshake = acceptor.accept(io);
+                    let Some(io) =
+                        handshake_within(handshake, &graceful, handshake_timeout, idle_grace).await
+                    else {
+                        return;
+                    };
+                    serve_connection(io, service, extend, builder, graceful, token, idle_grace)
+                        .await;
+                });
             }
             drop(listener);
             log!(
@@ -394,6 +538,58 @@ fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::ConnectionReset
     )
+}
+
+/// Runs an [`Accept`] handshake: `None` when it failed, took longer than
+/// `timeout`, or was still running `idle_grace` after the drain started (or
+/// at the drain's deadline).
+async fn handshake_within<F, Io>(
+    handshake: F,
+    graceful: &Graceful,
+    timeout: Duration,
+    idle_grace: Duration,
+) -> Option<Io>
+where
+    F: Future<Output = io::Result<Io>>,
+{
+    let mut handshake = pin!(handshake);
+    // Without an acceptor (or with one that needs no round trip) it is
+    // done at once: no timer, no drain watch.
+    let now = std::future::poll_fn(|cx| Poll::Ready(handshake.as_mut().poll(cx))).await;
+    let result = match now {
+        Poll::Ready(result) => result,
+        Poll::Pending => {
+            let mut handshake = pin!(tokio::time::timeout(timeout, handshake));
+            let mut drain = pin!(graceful.signal().draining());
+            let result = tokio::select! {
+                result = handshake.as_mut() => result,
+                () = &mut drain => tokio::select! {
+                    result = handshake.as_mut() => result,
+                    () = tokio::time::sleep(idle_grace) => {
+                        log!(debug, "handshake still running at the drain's idle grace; closed");
+                        return None;
+                    }
+                    _ = graceful.forced() => return None,
+                },
+            };
+            let Ok(result) = result else {
+                log!(
+                    debug,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "handshake timed out"
+                );
+                return None;
+            };
+            result
+        }
+    };
+    match result {
+        Ok(io) => Some(io),
+        Err(e) => {
+            log!(debug, error = %e, "handshake failed");
+            None
+        }
+    }
 }
 
 async fn serve_connection<I, S, B>(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
+use support::tls::{self, Cert};
 use support::websocket::expect_going_away;
 use support::{Deploy, Load, Server, h2_websocket, kill_processes_from, open_events};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,6 +118,90 @@ async fn axum_example_restarts_under_load_and_its_event_stream_ends_cleanly() {
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         let expected = format!("you are {client}, served by {}", server.current_pid());
         assert!(response.ends_with(&expected), "{response}");
+        load.stop_all_answered().await;
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// The certificate a TLS client connecting to `addr` is shown.
+async fn presented_certificate(addr: std::net::SocketAddr, trusted: &[&Cert]) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tls::connector(trusted, &[b"http/1.1"])
+        .connect(tls::server_name(), tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// The axum example over HTTPS, under an HTTPS keep-alive load that never
+/// sees a failed request: a restart keeps serving, a renewal that left a
+/// broken key fails its upgrade and the old generation goes on with the old
+/// certificate, and the generation started after a good renewal presents
+/// the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_example_over_tls_restarts_under_load_and_serves_a_renewed_certificate() {
+    timeout(BOUND, async {
+        let (first, second) = (Cert::new(), Cert::new());
+        let deploy = Deploy::of("axum-tls", "axum");
+        let dir = deploy.dir.clone();
+        first.install(&dir);
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let args = [
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        let server = Server::start_with(deploy, &args, &[]).await;
+        let both = [&first, &second];
+        let load = Load::start_https(server.addr, 3, "/", tls::client_config(&both, &[]));
+        load.wait_answers(50).await;
+        assert_eq!(
+            presented_certificate(server.addr, &both).await,
+            first.der.to_vec()
+        );
+
+        let new = server.restart().await;
+        load.wait_pid(new).await;
+        assert_eq!(
+            presented_certificate(server.addr, &both).await,
+            first.der.to_vec()
+        );
+
+        // A renewal that went wrong: the next generation cannot read its
+        // key, and this one goes on serving.
+        let failed_upgrades = || {
+            server
+                .log_text()
+                .matches("upgrade refused or failed")
+                .count()
+        };
+        let before = failed_upgrades();
+        std::fs::write(&key, "not a key").unwrap();
+        support::send_signal(new, "HUP");
+        support::wait_until("the upgrade fails", Duration::from_secs(20), || {
+            failed_upgrades() > before
+        })
+        .await;
+        assert_eq!(server.current_pid(), new);
+        assert!(support::is_alive(new));
+        load.wait_answers(50).await;
+        assert_eq!(
+            presented_certificate(server.addr, &both).await,
+            first.der.to_vec()
+        );
+
+        // The renewal done right, then SIGHUP: the new certificate.
+        second.install(&dir);
+        let newer = server.restart().await;
+        load.wait_pid(newer).await;
+        assert_eq!(
+            presented_certificate(server.addr, &both).await,
+            second.der.to_vec()
+        );
+
         load.stop_all_answered().await;
         server.stop().await;
     })

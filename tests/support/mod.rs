@@ -13,12 +13,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::Connect;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::task::JoinHandle;
 
 pub mod h2_websocket;
+pub mod tls;
 pub mod websocket;
 
 /// The benchmarks' load client: the HTTP/2 load below uses it.
@@ -534,27 +535,9 @@ impl Load {
                 })
                 .collect()
         } else {
-            (0..clients)
-                .map(|_| {
-                    let client: Client<HttpConnector, Empty<Bytes>> =
-                        Client::builder(TokioExecutor::new()).build_http();
-                    let (stop, ok, failed, pids) =
-                        (stop.clone(), ok.clone(), failed.clone(), pids.clone());
-                    let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
-                    tokio::spawn(async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            let result = Self::one(&client, uri.clone()).await;
-                            match result {
-                                Ok(pid) => {
-                                    ok.fetch_add(1, Ordering::Relaxed);
-                                    pids.lock().unwrap().insert(pid);
-                                }
-                                Err(e) => failed.lock().unwrap().push(e),
-                            }
-                        }
-                    })
-                })
-                .collect()
+            let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
+            let client = || Client::builder(TokioExecutor::new()).build_http();
+            Self::pooled_clients(clients, client, uri, &stop, &ok, &failed, &pids)
         };
         Load {
             stop,
@@ -566,10 +549,79 @@ impl Load {
         }
     }
 
-    async fn one(
-        client: &Client<HttpConnector, Empty<Bytes>>,
+    /// Like [`start`](Self::start), over HTTPS (HTTP/1.1): `tls` says which
+    /// certificates the clients trust, and offers no ALPN protocol (the
+    /// connector offers `http/1.1`).
+    pub fn start_https(
+        addr: SocketAddr,
+        clients: usize,
+        path: &'static str,
+        tls: tokio_rustls::rustls::ClientConfig,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeSet::new()));
+        let uri: http::Uri = format!("https://{addr}{path}").parse().unwrap();
+        let client = || {
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_only()
+                .enable_http1()
+                .build();
+            Client::builder(TokioExecutor::new()).build(https)
+        };
+        let tasks = Self::pooled_clients(clients, client, uri, &stop, &ok, &failed, &pids);
+        Load {
+            stop,
+            ok,
+            failed,
+            pids,
+            retried: Arc::new(AtomicUsize::new(0)),
+            tasks,
+        }
+    }
+
+    /// `clients` loops of requests, each on a pooled keep-alive client of
+    /// its own.
+    fn pooled_clients<C>(
+        clients: usize,
+        client: impl Fn() -> Client<C, Empty<Bytes>>,
         uri: http::Uri,
-    ) -> Result<u32, String> {
+        stop: &Arc<AtomicBool>,
+        ok: &Arc<AtomicUsize>,
+        failed: &Arc<Mutex<Vec<String>>>,
+        pids: &Arc<Mutex<BTreeSet<u32>>>,
+    ) -> Vec<JoinHandle<()>>
+    where
+        C: Connect + Clone + Send + Sync + 'static,
+    {
+        (0..clients)
+            .map(|_| {
+                let client = client();
+                let (stop, ok, failed, pids) =
+                    (stop.clone(), ok.clone(), failed.clone(), pids.clone());
+                let uri = uri.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let result = Self::one(&client, uri.clone()).await;
+                        match result {
+                            Ok(pid) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                pids.lock().unwrap().insert(pid);
+                            }
+                            Err(e) => failed.lock().unwrap().push(e),
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+
+    async fn one<C>(client: &Client<C, Empty<Bytes>>, uri: http::Uri) -> Result<u32, String>
+    where
+        C: Connect + Clone + Send + Sync + 'static,
+    {
         let response = client
             .get(uri)
             .await

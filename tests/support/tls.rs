@@ -1,0 +1,83 @@
+//! Self-signed certificates for 127.0.0.1, and the rustls configurations of
+//! a server that presents one and of a client that trusts some.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// A self-signed certificate for `127.0.0.1` and its key.
+pub struct Cert {
+    pub der: CertificateDer<'static>,
+    pub key_der: Vec<u8>,
+    pub pem: String,
+    pub key_pem: String,
+}
+
+impl Cert {
+    pub fn new() -> Cert {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        Cert {
+            der: cert.der().clone(),
+            key_der: signing_key.serialize_der(),
+            pem: cert.pem(),
+            key_pem: signing_key.serialize_pem(),
+        }
+    }
+
+    /// Writes `cert.pem` and `key.pem` into `dir`, each replaced at once
+    /// (written aside, then renamed), as a certificate renewal does.
+    pub fn install(&self, dir: &Path) {
+        for (name, text) in [("cert.pem", &self.pem), ("key.pem", &self.key_pem)] {
+            let aside = dir.join(format!(".{name}.new"));
+            std::fs::write(&aside, text).unwrap();
+            std::fs::rename(&aside, dir.join(name)).unwrap();
+        }
+    }
+
+    /// A server presenting this certificate, offering HTTP/2 and HTTP/1.1
+    /// by ALPN.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![self.der.clone()], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// A client that trusts `certs` and offers `alpn`.
+pub fn client_config(certs: &[&Cert], alpn: &[&[u8]]) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert.der.clone()).unwrap();
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+pub fn connector(certs: &[&Cert], alpn: &[&[u8]]) -> TlsConnector {
+    TlsConnector::from(Arc::new(client_config(certs, alpn)))
+}
+
+/// The name the certificates are for.
+pub fn server_name() -> tokio_rustls::rustls::pki_types::ServerName<'static> {
+    tokio_rustls::rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+fn provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
+}
