@@ -109,7 +109,10 @@ mod upgrade;
 
 pub use error::Error;
 pub use handover::{Builder, DEFAULT_READY_TIMEOUT, Exit, Handover, HandoverServe};
-pub use listener::{BACKLOG, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, Listeners};
+pub use listener::{
+    BACKLOG, HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID,
+    Listeners,
+};
 pub use notify::NOTIFY_SOCKET;
 
 pub use graceful::{

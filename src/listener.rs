@@ -20,6 +20,9 @@ pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub const LISTEN_PID: &str = "LISTEN_PID";
 /// The write end of the readiness pipe, set by a previous generation.
 pub const HANDOVER_READY_FD: &str = "HANDOVER_READY_FD";
+/// `:`-separated names of the inherited listeners that a previous
+/// generation bound itself (not systemd's): those follow a changed address.
+pub const HANDOVER_BOUND_FDNAMES: &str = "HANDOVER_BOUND_FDNAMES";
 
 /// The first inherited fd.
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
@@ -154,11 +157,48 @@ pub(crate) fn parse_env(
     Ok(EnvSpec { fds, ready_fd })
 }
 
+/// Parses `HANDOVER_BOUND_FDNAMES`: names that must each be an inherited
+/// listener's. Absent (systemd, `systemfd`, or a generation of a handover
+/// that did not say): none.
+pub(crate) fn parse_bound(value: Option<&str>, spec: &EnvSpec) -> Result<Vec<String>, Error> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    if value.is_empty() {
+        return Ok(Vec::new());
+    }
+    value
+        .split(':')
+        .map(|name| {
+            if spec.fds.iter().any(|(_, inherited)| inherited == name) {
+                Ok(name.to_owned())
+            } else {
+                Err(env_error(
+                    HANDOVER_BOUND_FDNAMES,
+                    value,
+                    format!("{name:?} is not among the inherited listeners' names"),
+                ))
+            }
+        })
+        .collect()
+}
+
 struct Inherited {
     fd: RawFd,
     name: String,
     socket: OwnedFd,
     family: Family,
+    /// Bound by a previous generation, not passed by systemd: it follows a
+    /// changed address.
+    bound: bool,
+}
+
+/// A listener this generation serves, as the next generation receives it.
+struct Active {
+    name: String,
+    socket: OwnedFd,
+    /// Bound by this generation or an earlier one (not systemd's).
+    bound: bool,
 }
 
 struct State {
@@ -166,7 +206,7 @@ struct State {
     inherited: Vec<Inherited>,
     /// Every listener this generation serves, by name: what the next
     /// generation receives.
-    active: Vec<(String, OwnedFd)>,
+    active: Vec<Active>,
     ready_pipe: Option<File>,
 }
 
@@ -188,6 +228,13 @@ struct State {
 /// | `LISTEN_FDNAMES` | their names, `:`-separated (default: `unknown`) |
 /// | `LISTEN_PID` | when set, must be this process's pid |
 /// | `HANDOVER_READY_FD` | the readiness pipe of a previous generation |
+/// | `HANDOVER_BOUND_FDNAMES` | which of them a previous generation bound itself |
+///
+/// A listener that systemd passed stays where its `.socket` unit put it,
+/// whatever address the application asks for (a warning says so). One
+/// that a generation bound itself follows the address asked for: if that
+/// has changed since (a reload with a new port), it is bound afresh there,
+/// and the old socket is closed once this generation is ready.
 pub struct Listeners {
     state: Mutex<State>,
 }
@@ -215,10 +262,19 @@ impl Listeners {
             var(HANDOVER_READY_FD).as_deref(),
             std::process::id(),
         );
-        for name in [LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID, HANDOVER_READY_FD] {
+        let bound = var(HANDOVER_BOUND_FDNAMES);
+        for name in [
+            LISTEN_FDS,
+            LISTEN_FDNAMES,
+            LISTEN_PID,
+            HANDOVER_READY_FD,
+            HANDOVER_BOUND_FDNAMES,
+        ] {
             sys::remove_env(name);
         }
-        Self::adopt(spec?)
+        let spec = spec?;
+        let bound = parse_bound(bound.as_deref(), &spec)?;
+        Self::adopt(spec, &bound)
     }
 
     /// No inherited listeners: every `tcp`/`unix` call binds.
@@ -233,7 +289,7 @@ impl Listeners {
         }
     }
 
-    fn adopt(spec: EnvSpec) -> Result<Self, Error> {
+    fn adopt(spec: EnvSpec, bound: &[String]) -> Result<Self, Error> {
         let mut inherited = Vec::with_capacity(spec.fds.len());
         for (fd, name) in spec.fds {
             let fd_error = |reason: String| Error::Fd {
@@ -251,6 +307,7 @@ impl Listeners {
             }
             inherited.push(Inherited {
                 fd,
+                bound: bound.contains(&name),
                 name,
                 socket,
                 family,
@@ -306,8 +363,9 @@ impl Listeners {
         self.lock().from_previous_generation
     }
 
-    /// Takes the inherited listener named `name`, if there is one.
-    fn take_inherited(&self, name: &str, unix: bool) -> Result<Option<OwnedFd>, Error> {
+    /// Takes the inherited listener named `name`, if there is one, and
+    /// whether a previous generation bound it.
+    fn take_inherited(&self, name: &str, unix: bool) -> Result<Option<(OwnedFd, bool)>, Error> {
         if !is_valid_name(name) {
             return Err(Error::io(
                 format!("listener name {name:?}"),
@@ -318,7 +376,7 @@ impl Listeners {
             ));
         }
         let mut state = self.lock();
-        if state.active.iter().any(|(n, _)| n == name) {
+        if state.active.iter().any(|active| active.name == name) {
             return Err(Error::io(
                 format!("listener {name:?}"),
                 std::io::Error::new(std::io::ErrorKind::AlreadyExists, "taken twice"),
@@ -347,15 +405,19 @@ impl Listeners {
                 ),
             });
         }
-        Ok(Some(inherited.socket))
+        Ok(Some((inherited.socket, inherited.bound)))
     }
 
-    fn register(&self, name: &str, fd: &impl AsFd) -> Result<(), Error> {
-        let dup = fd
+    fn register(&self, name: &str, fd: &impl AsFd, bound: bool) -> Result<(), Error> {
+        let socket = fd
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io(format!("duplicating listener {name:?}"), e))?;
-        self.lock().active.push((name.to_owned(), dup));
+        self.lock().active.push(Active {
+            name: name.to_owned(),
+            socket,
+            bound,
+        });
         Ok(())
     }
 
@@ -376,6 +438,11 @@ impl Listeners {
     /// The TCP listener named `name`: the inherited one, or a new one bound
     /// to `addr` (with `SO_REUSEADDR` and a backlog of [`BACKLOG`]).
     ///
+    /// An inherited listener bound elsewhere than `addr` is kept if systemd
+    /// passed it, and replaced by one bound to `addr` if a previous
+    /// generation bound it (see [`Listeners`]). A port of 0 in `addr`
+    /// matches any inherited listener.
+    ///
     /// Must be called within a Tokio runtime.
     ///
     /// # Errors
@@ -392,21 +459,8 @@ impl Listeners {
             .to_socket_addrs()
             .map_err(|e| Error::io(format!("resolving the address of listener {name:?}"), e))?
             .collect();
-        let listener = match self.take_inherited(name, false)? {
-            Some(fd) => {
-                let std = std::net::TcpListener::from(fd);
-                std.set_nonblocking(true)
-                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
-                if let Ok(local) = std.local_addr()
-                    && !addrs.is_empty()
-                    && !addrs.iter().any(|a| a == &local || a.port() == 0)
-                {
-                    log!(warn, name, %local, asked = ?addrs, "inherited listener is bound elsewhere than asked; keeping it");
-                }
-                tokio::net::TcpListener::from_std(std)
-                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?
-            }
-            None => bind_tcp(&addrs).map_err(|e| {
+        let bind = || {
+            bind_tcp(&addrs).map_err(|e| {
                 Error::io(
                     format!(
                         "binding listener {name:?} to {addrs:?} (inherited: {})",
@@ -414,15 +468,44 @@ impl Listeners {
                     ),
                     e,
                 )
-            })?,
+            })
         };
-        self.register(name, &listener)?;
+        let (listener, bound) = match self.take_inherited(name, false)? {
+            Some((fd, bound)) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)
+                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
+                let moved = std.local_addr().ok().filter(|local| {
+                    !addrs.is_empty() && !addrs.iter().any(|a| a == local || a.port() == 0)
+                });
+                match moved {
+                    Some(local) if bound => {
+                        let listener = bind()?;
+                        log!(info, name, was = %local, now = ?listener.local_addr().ok(), "listener moved to the address asked for; the old socket closes when this generation is ready");
+                        (listener, true)
+                    }
+                    moved => {
+                        if let Some(local) = moved {
+                            log!(warn, name, %local, asked = ?addrs, "listener passed by systemd is bound elsewhere than asked; keeping it");
+                        }
+                        let listener = tokio::net::TcpListener::from_std(std)
+                            .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
+                        (listener, bound)
+                    }
+                }
+            }
+            None => (bind()?, true),
+        };
+        self.register(name, &listener, bound)?;
         Ok(listener)
     }
 
     /// The Unix listener named `name`: the inherited one, or a new one bound
     /// at `path`. A socket file left at `path` by a process that is gone is
     /// removed first; one that a live process still accepts on is an error.
+    ///
+    /// An inherited listener at another path follows `path` as a TCP one
+    /// follows its address (see [`tcp`](Self::tcp)).
     ///
     /// Must be called within a Tokio runtime.
     ///
@@ -436,15 +519,8 @@ impl Listeners {
         path: impl AsRef<Path>,
     ) -> Result<tokio::net::UnixListener, Error> {
         let path = path.as_ref();
-        let listener = match self.take_inherited(name, true)? {
-            Some(fd) => {
-                let std = std::os::unix::net::UnixListener::from(fd);
-                std.set_nonblocking(true)
-                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
-                tokio::net::UnixListener::from_std(std)
-                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?
-            }
-            None => bind_unix(path).map_err(|e| {
+        let bind = || {
+            bind_unix(path).map_err(|e| {
                 Error::io(
                     format!(
                         "binding listener {name:?} at {} (inherited: {})",
@@ -453,9 +529,36 @@ impl Listeners {
                     ),
                     e,
                 )
-            })?,
+            })
         };
-        self.register(name, &listener)?;
+        let (listener, bound) = match self.take_inherited(name, true)? {
+            Some((fd, bound)) => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)
+                    .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
+                let local = std.local_addr().ok();
+                let local = local.as_ref().and_then(|a| a.as_pathname());
+                let moved = local.filter(|local| !same_socket_path(local, path));
+                match moved {
+                    Some(local) if bound => {
+                        let was = local.display().to_string();
+                        let listener = bind()?;
+                        log!(info, name, was, now = %path.display(), "listener moved to the path asked for; the old socket closes when this generation is ready");
+                        (listener, true)
+                    }
+                    moved => {
+                        if let Some(local) = moved {
+                            log!(warn, name, local = %local.display(), asked = %path.display(), "listener passed by systemd is bound elsewhere than asked; keeping it");
+                        }
+                        let listener = tokio::net::UnixListener::from_std(std)
+                            .map_err(|e| Error::io(format!("listener {name:?}"), e))?;
+                        (listener, bound)
+                    }
+                }
+            }
+            None => (bind()?, true),
+        };
+        self.register(name, &listener, bound)?;
         Ok(listener)
     }
 
@@ -483,15 +586,18 @@ impl Listeners {
         Ok(())
     }
 
-    /// Duplicates of every listener taken so far, with their names: what
-    /// the next generation receives.
-    pub(crate) fn for_next_generation(&self) -> Result<Vec<(String, OwnedFd)>, Error> {
+    /// Duplicates of every listener taken so far, with their names and
+    /// whether a generation bound them: what the next generation receives.
+    pub(crate) fn for_next_generation(&self) -> Result<Vec<(String, OwnedFd, bool)>, Error> {
         self.lock()
             .active
             .iter()
-            .map(|(name, fd)| {
-                fd.try_clone()
-                    .map(|fd| (name.clone(), fd))
+            .map(|active| {
+                let name = &active.name;
+                active
+                    .socket
+                    .try_clone()
+                    .map(|fd| (name.clone(), fd, active.bound))
                     .map_err(|e| Error::io(format!("duplicating listener {name:?}"), e))
             })
             .collect()
@@ -512,7 +618,7 @@ impl fmt::Debug for Listeners {
             )
             .field(
                 "active",
-                &state.active.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                &state.active.iter().map(|a| &a.name).collect::<Vec<_>>(),
             )
             .field("from_previous_generation", &state.ready_pipe.is_some())
             .finish()
@@ -540,6 +646,19 @@ fn bind_tcp(addrs: &[SocketAddr]) -> std::io::Result<tokio::net::TcpListener> {
     Err(last.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
     }))
+}
+
+/// Whether the socket bound at `local` is the one at `asked`: the same path,
+/// or the same file by another path (relative, through a symlink).
+fn same_socket_path(local: &Path, asked: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if local == asked {
+        return true;
+    }
+    match (std::fs::metadata(local), std::fs::metadata(asked)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
@@ -585,6 +704,44 @@ mod tests {
         ready: Option<&str>,
     ) -> Result<EnvSpec, Error> {
         parse_env(fds, names, pid, ready, 4242)
+    }
+
+    #[test]
+    fn bound_names_must_be_inherited_ones() {
+        let spec = parse(Some("2"), Some("http:admin"), None, None).unwrap();
+        assert_eq!(parse_bound(None, &spec).unwrap(), Vec::<String>::new());
+        assert_eq!(parse_bound(Some(""), &spec).unwrap(), Vec::<String>::new());
+        assert_eq!(parse_bound(Some("admin"), &spec).unwrap(), vec!["admin"]);
+        assert_eq!(
+            parse_bound(Some("http:admin"), &spec).unwrap(),
+            vec!["http", "admin"]
+        );
+        let err = parse_bound(Some("http:other"), &spec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"other\" is not among the inherited"),
+            "{err}"
+        );
+        let none = parse(None, None, None, None).unwrap();
+        assert!(parse_bound(Some("http"), &none).is_err());
+    }
+
+    #[test]
+    fn a_socket_path_is_the_same_by_any_name_of_its_file() {
+        let dir = std::env::temp_dir().join(format!("handover-same-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::os::unix::fs::symlink(&path, dir.join("link.sock")).unwrap();
+        assert!(same_socket_path(&path, &path));
+        assert!(same_socket_path(&path, &dir.join("link.sock")));
+        assert!(same_socket_path(&path, &dir.join(".").join("api.sock")));
+        assert!(!same_socket_path(&path, &dir.join("other.sock")));
+        let _other = std::os::unix::net::UnixListener::bind(dir.join("other.sock")).unwrap();
+        assert!(!same_socket_path(&path, &dir.join("other.sock")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::listener::{
-    HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID, Listeners,
+    HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START,
+    LISTEN_PID, Listeners,
 };
 use crate::sys::spawn::Child;
 use crate::{notify, sys};
@@ -175,20 +176,13 @@ impl Upgrader {
         let passed = listeners.for_next_generation()?;
         let (reader, writer) =
             std::io::pipe().map_err(|e| Error::io("creating the readiness pipe", e))?;
-        let names: Vec<&str> = passed.iter().map(|(name, _)| name.as_str()).collect();
-        let count = passed.len();
-
-        let ours = [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES, HANDOVER_READY_FD];
-        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(key, _)| !ours.iter().any(|ours| key == ours))
+        let listed: Vec<(&str, bool)> = passed
+            .iter()
+            .map(|(name, _, bound)| (name.as_str(), *bound))
             .collect();
-        env.push((LISTEN_FDS.into(), count.to_string().into()));
-        env.push((LISTEN_FDNAMES.into(), names.join(":").into()));
-        env.push((
-            HANDOVER_READY_FD.into(),
-            (LISTEN_FDS_START + count as i32).to_string().into(),
-        ));
-        let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd)| fd).collect();
+        let env = child_env(std::env::vars_os(), &listed);
+        let count = passed.len();
+        let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
@@ -341,10 +335,74 @@ fn program(
         .find(|candidate| is_running(candidate))
 }
 
+/// The next generation's environment: this one's, without the inheritance
+/// variables it may have been given, plus the variables that describe
+/// `passed` (each listener's name, and whether a generation bound it), in
+/// fd order from 3, and the readiness pipe's fd just after them.
+fn child_env(
+    ours: impl Iterator<Item = (OsString, OsString)>,
+    passed: &[(&str, bool)],
+) -> Vec<(OsString, OsString)> {
+    let inheritance = [
+        LISTEN_PID,
+        LISTEN_FDS,
+        LISTEN_FDNAMES,
+        HANDOVER_READY_FD,
+        HANDOVER_BOUND_FDNAMES,
+    ];
+    let mut env: Vec<(OsString, OsString)> = ours
+        .filter(|(key, _)| !inheritance.iter().any(|var| key == var))
+        .collect();
+    let names: Vec<&str> = passed.iter().map(|(name, _)| *name).collect();
+    let bound: Vec<&str> = passed
+        .iter()
+        .filter(|(_, bound)| *bound)
+        .map(|(name, _)| *name)
+        .collect();
+    env.push((LISTEN_FDS.into(), passed.len().to_string().into()));
+    env.push((LISTEN_FDNAMES.into(), names.join(":").into()));
+    env.push((HANDOVER_BOUND_FDNAMES.into(), bound.join(":").into()));
+    env.push((
+        HANDOVER_READY_FD.into(),
+        (LISTEN_FDS_START + passed.len() as i32).to_string().into(),
+    ));
+    env
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn the_child_learns_which_listeners_a_generation_bound() {
+        let ours = [
+            ("PATH", "/usr/bin"),
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "old"),
+            ("HANDOVER_BOUND_FDNAMES", "old"),
+            ("HANDOVER_READY_FD", "9"),
+            ("LISTEN_PID", "1"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = child_env(
+            ours.into_iter(),
+            &[("http", true), ("activated", false), ("admin", true)],
+        );
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))
+            .collect();
+        let expected = [
+            ("PATH", "/usr/bin"),
+            ("LISTEN_FDS", "3"),
+            ("LISTEN_FDNAMES", "http:activated:admin"),
+            ("HANDOVER_BOUND_FDNAMES", "http:admin"),
+            ("HANDOVER_READY_FD", "6"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(env, expected);
+    }
 
     /// A fresh directory holding `bin/server` (the "running binary"),
     /// `link` → `bin/server`, `other` and `elsewhere/server` (other

@@ -78,6 +78,15 @@ async fn malformed_environments_are_clear_errors_not_panics() {
             &[("HANDOVER_READY_FD", "5")],
             "inherited fd 5 named \"HANDOVER_READY_FD\": it is not a pipe",
         ),
+        (
+            "",
+            &[
+                ("LISTEN_FDS", "1"),
+                ("LISTEN_FDNAMES", "http"),
+                ("HANDOVER_BOUND_FDNAMES", "admin"),
+            ],
+            "HANDOVER_BOUND_FDNAMES=\"admin\": \"admin\" is not among the inherited listeners' names",
+        ),
     ];
     for (redirects, env, expected) in cases {
         let (ok, text) = run_hello(redirects, env).await;
@@ -294,6 +303,120 @@ async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready
         assert!(
             stdout.contains("inherited listener was not taken by the application; closing it name=\"extra\" fd=4"),
             "{stdout}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// Starts `hello --addr 127.0.0.1:{asked}` under `systemd-socket-activate`
+/// listening on `passed` (named `http`), with `env`; triggers the
+/// activation. Returns the activator (which execs `hello`, so its pid is
+/// the first generation's) and the log it will print.
+async fn activated_hello(
+    deploy: &Deploy,
+    passed: u16,
+    asked: u16,
+    env: &[&str],
+) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
+    let mut command = tokio::process::Command::new("systemd-socket-activate");
+    command
+        .arg("-l")
+        .arg(format!("127.0.0.1:{passed}"))
+        .arg("--fdname=http")
+        .args(["-E", "RUST_LOG=info"]);
+    for var in env {
+        command.args(["-E", var]);
+    }
+    let mut activator = command
+        .arg(&deploy.bin)
+        .arg("--addr")
+        .arg(format!("127.0.0.1:{asked}"))
+        .arg("--pid-file")
+        .arg(&deploy.pid_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemd-socket-activate is installed (Debian package systemd)");
+    let mut stdout = activator.stdout.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text).await;
+        text
+    });
+    drop(connect_when_listening(passed).await);
+    (activator, log)
+}
+
+/// A listener a previous generation bound itself follows the address the
+/// application asks for now (a reload with a new port): bound afresh
+/// there, the old socket closed; the generation after it keeps the new
+/// one. One that systemd passed stays where its `.socket` unit put it.
+#[tokio::test]
+async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_stays() {
+    timeout(BOUND, async {
+        // As a previous generation that bound `http` on `old` passes it.
+        let deploy = Deploy::new("moved");
+        let (old, new) = (free_port(), free_port());
+        let (mut activator, log) =
+            activated_hello(&deploy, old, new, &["HANDOVER_BOUND_FDNAMES=http"]).await;
+        let first = activator.id().unwrap();
+        drop(connect_when_listening(new).await);
+        assert_eq!(get(new).await, format!("hello from {first}"));
+        let refused = tokio::net::TcpStream::connect(("127.0.0.1", old)).await;
+        assert!(refused.is_err(), "the old socket is closed: {refused:?}");
+
+        // The next generation inherits the new socket and keeps it.
+        send_signal(first, "HUP");
+        wait_until(
+            "the first generation exits",
+            Duration::from_secs(20),
+            || !is_alive(first),
+        )
+        .await;
+        let second = deploy.read_pid().unwrap();
+        assert_ne!(second, first);
+        assert_eq!(get(new).await, format!("hello from {second}"));
+        send_signal(second, "TERM");
+        wait_until(
+            "the second generation exits",
+            Duration::from_secs(20),
+            || !is_alive(second),
+        )
+        .await;
+        let _ = activator.wait().await;
+        let log = log.await.unwrap();
+        assert_eq!(
+            log.matches("listener moved to the address asked for")
+                .count(),
+            1,
+            "moved once, by the first generation:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("was=127.0.0.1:{old} now=Some(127.0.0.1:{new})")),
+            "{log}"
+        );
+
+        // Passed by systemd: kept, with a warning.
+        let deploy = Deploy::new("activated-elsewhere");
+        let (passed, asked) = (free_port(), free_port());
+        let (mut activator, log) = activated_hello(&deploy, passed, asked, &[]).await;
+        let pid = activator.id().unwrap();
+        assert_eq!(get(passed).await, format!("hello from {pid}"));
+        let refused = tokio::net::TcpStream::connect(("127.0.0.1", asked)).await;
+        assert!(refused.is_err(), "nothing bound in its place: {refused:?}");
+        send_signal(pid, "TERM");
+        let status = timeout(Duration::from_secs(20), activator.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success());
+        let log = log.await.unwrap();
+        assert!(
+            log.contains("listener passed by systemd is bound elsewhere than asked; keeping it"),
+            "{log}"
         );
     })
     .await
