@@ -135,8 +135,25 @@ async fn presented_certificate(addr: std::net::SocketAddr, trusted: &[&Cert]) ->
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// A WebSocket to the axum example's `/ws` over TLS.
+async fn wss(
+    addr: std::net::SocketAddr,
+    trusted: &[&Cert],
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tls::connector(trusted, &[b"http/1.1"])
+        .connect(tls::server_name(), tcp)
+        .await
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://{addr}/ws"), stream)
+        .await
+        .unwrap();
+    ws
+}
+
 /// The axum example over HTTPS, under an HTTPS keep-alive load that never
-/// sees a failed request: a restart keeps serving, a renewal that left a
+/// sees a failed request: a restart keeps serving (and says goodbye to a
+/// WebSocket over TLS), a renewal that left a
 /// broken key fails its upgrade and the old generation goes on with the old
 /// certificate, and the generation started after a good renewal presents
 /// the new one.
@@ -162,8 +179,24 @@ async fn axum_example_over_tls_restarts_under_load_and_serves_a_renewed_certific
             presented_certificate(server.addr, &both).await,
             first.der.to_vec()
         );
+        // A WebSocket over TLS (wss) is told the server is going away, and
+        // a new one reaches the new generation.
+        let mut ws = wss(server.addr, &both).await;
+        ws.send(Message::text("before")).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap().to_text().unwrap(),
+            "before"
+        );
 
         let new = server.restart().await;
+        expect_going_away(&mut ws).await;
+        let mut ws = wss(server.addr, &both).await;
+        ws.send(Message::text("after")).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap().to_text().unwrap(),
+            "after"
+        );
+        drop(ws);
         load.wait_pid(new).await;
         assert_eq!(
             presented_certificate(server.addr, &both).await,
