@@ -490,12 +490,12 @@ impl fmt::Debug for Handover {
 
 /// The future-to-be of [`Handover::serve`]; `.await` it.
 #[must_use = "a server does nothing until it is `.await`ed"]
-pub struct HandoverServe<L: Listener, S, A = DefaultAcceptor> {
+pub struct HandoverServe<L: Listener, S, A: Accept<L::Io> = DefaultAcceptor> {
     handover: Handover,
     serve: crate::Serve<L, S, A>,
 }
 
-impl<L: Listener, S, A> HandoverServe<L, S, A> {
+impl<L: Listener, S, A: Accept<L::Io>> HandoverServe<L, S, A> {
     /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
     pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
         self.serve = self.serve.tcp_nodelay(nodelay);
@@ -532,31 +532,45 @@ impl<L: Listener, S, A> HandoverServe<L, S, A> {
         self
     }
 
-    /// Runs `acceptor` (a TLS handshake, say) on each accepted connection
-    /// and serves HTTP on what it returns; see
-    /// [`Serve::acceptor`](crate::Serve::acceptor).
-    ///
-    /// Each generation builds its acceptor at start-up, so a `SIGHUP` after
-    /// a certificate renewal is all it takes to serve the new certificate.
-    pub fn acceptor<B>(self, acceptor: B) -> HandoverServe<L, S, B>
-    where
-        B: Accept<L::Io>,
-    {
-        HandoverServe {
-            handover: self.handover,
-            serve: self.serve.acceptor(acceptor),
-        }
-    }
-
     /// The longest an acceptor's handshake may take (10 s by default); see
     /// [`Serve::handshake_timeout`](crate::Serve::handshake_timeout).
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.serve = self.serve.handshake_timeout(timeout);
         self
     }
+
+    /// Gives every request what `make` says of its connection as the
+    /// acceptor returned it (a TLS client's certificate, say); see
+    /// [`Serve::accepted_info`](crate::Serve::accepted_info).
+    pub fn accepted_info<T, F>(mut self, make: F) -> Self
+    where
+        F: Fn(&A::Io) -> T + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
+        self.serve = self.serve.accepted_info(make);
+        self
+    }
 }
 
-impl<L: Listener, S, A> fmt::Debug for HandoverServe<L, S, A> {
+impl<L: Listener, S> HandoverServe<L, S> {
+    /// Runs `acceptor` (a TLS handshake, say) on each accepted connection
+    /// and serves HTTP on what it returns; see
+    /// [`Serve::acceptor`](crate::Serve::acceptor).
+    ///
+    /// Each generation builds its acceptor at start-up, so a `SIGHUP` after
+    /// a certificate renewal is all it takes to serve the new certificate.
+    pub fn acceptor<A>(self, acceptor: A) -> HandoverServe<L, S, A>
+    where
+        A: Accept<L::Io>,
+    {
+        HandoverServe {
+            handover: self.handover,
+            serve: self.serve.acceptor(acceptor),
+        }
+    }
+}
+
+impl<L: Listener, S, A: Accept<L::Io>> fmt::Debug for HandoverServe<L, S, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandoverServe")
             .field("serve", &self.serve)

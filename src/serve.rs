@@ -31,6 +31,23 @@ type Extend = Arc<dyn Fn(&mut http::Extensions) + Send + Sync>;
 /// Makes a connection's [`Extend`] from its IO and peer address.
 type MakeExtend<L> =
     Arc<dyn Fn(&<L as Listener>::Io, &<L as Listener>::Addr) -> Extend + Send + Sync>;
+/// Makes a connection's [`Extend`] from the stream its acceptor returned.
+type MakeAcceptedExtend<Io> = Arc<dyn Fn(&Io) -> Extend + Send + Sync>;
+
+/// Inserts a clone of `value`.
+fn insert<T: Clone + Send + Sync + 'static>(value: T) -> Extend {
+    Arc::new(move |extensions: &mut http::Extensions| {
+        extensions.insert(value.clone());
+    })
+}
+
+/// Both, in this order.
+fn both(first: Extend, then: Extend) -> Extend {
+    Arc::new(move |extensions: &mut http::Extensions| {
+        first(extensions);
+        then(extensions);
+    })
+}
 
 /// Default for [`Serve::idle_grace`].
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
@@ -225,12 +242,13 @@ where
         connect_info: None,
         acceptor: Arc::new(DefaultAcceptor),
         handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        accepted_info: None,
     }
 }
 
 /// The builder returned by [`serve`]; `.await` it to run the server.
 #[must_use = "a server does nothing until it is `.await`ed"]
-pub struct Serve<L: Listener, S, A = DefaultAcceptor> {
+pub struct Serve<L: Listener, S, A: Accept<L::Io> = DefaultAcceptor> {
     listener: L,
     service: S,
     graceful: Graceful,
@@ -241,9 +259,10 @@ pub struct Serve<L: Listener, S, A = DefaultAcceptor> {
     connect_info: Option<MakeExtend<L>>,
     acceptor: Arc<A>,
     handshake_timeout: Duration,
+    accepted_info: Option<MakeAcceptedExtend<A::Io>>,
 }
 
-impl<L: Listener, S, A> Serve<L, S, A> {
+impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
     /// How long an HTTP/1 connection may stay open once the drain has
     /// started before it is shut down (500 ms by default).
     ///
@@ -326,18 +345,79 @@ impl<L: Listener, S, A> Serve<L, S, A> {
     {
         let previous = self.connect_info.take();
         self.connect_info = Some(Arc::new(move |io: &L::Io, addr: &L::Addr| {
-            let before = previous.as_ref().map(|previous| previous(io, addr));
-            let info = make(io, addr);
-            Arc::new(move |extensions: &mut http::Extensions| {
-                if let Some(before) = &before {
-                    before(extensions);
-                }
-                extensions.insert(info.clone());
-            }) as Extend
+            let info = insert(make(io, addr));
+            match &previous {
+                Some(previous) => both(previous(io, addr), info),
+                None => info,
+            }
         }));
         self
     }
 
+    /// The longest an [`acceptor`](Serve::acceptor)'s handshake may take
+    /// (10 s by default) before its connection is closed.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Gives every request what `make` says of its connection as the
+    /// [`acceptor`](Serve::acceptor) returned it: for TLS, the client's
+    /// certificate, the server name it asked for, the protocol chosen.
+    ///
+    /// As [`connect_info`](Serve::connect_info), but run once the
+    /// handshake is done, on its stream; call it again to add another
+    /// value. Both may be used together.
+    ///
+    /// # Examples
+    ///
+    /// The client certificate of a mutual-TLS connection, for handlers to
+    /// read with axum's `Extension` extractor:
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// use tokio::net::TcpStream;
+    /// use tokio_rustls::server::TlsStream;
+    /// use tokio_rustls::rustls::pki_types::CertificateDer;
+    ///
+    /// /// The certificate a client presented, leaf first.
+    /// #[derive(Clone)]
+    /// struct ClientChain(Arc<Vec<CertificateDer<'static>>>);
+    ///
+    /// # async fn run(
+    /// #     graceful: handover::Graceful,
+    /// #     listener: tokio::net::TcpListener,
+    /// #     app: axum::Router,
+    /// #     tls: tokio_rustls::TlsAcceptor,
+    /// # ) -> std::io::Result<()> {
+    /// handover::serve(listener, app, &graceful)
+    ///     .acceptor(move |tcp| tls.accept(tcp))
+    ///     .accepted_info(|tls: &TlsStream<TcpStream>| {
+    ///         let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    ///         ClientChain(Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect()))
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn accepted_info<T, F>(mut self, make: F) -> Self
+    where
+        F: Fn(&A::Io) -> T + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
+        let previous = self.accepted_info.take();
+        self.accepted_info = Some(Arc::new(move |io: &A::Io| {
+            let info = insert(make(io));
+            match &previous {
+                Some(previous) => both(previous(io), info),
+                None => info,
+            }
+        }));
+        self
+    }
+}
+
+impl<L: Listener, S> Serve<L, S> {
     /// Runs `acceptor` on each accepted connection and serves HTTP on the
     /// stream it returns: terminates TLS, for one.
     ///
@@ -388,9 +468,9 @@ impl<L: Listener, S, A> Serve<L, S, A> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn acceptor<B>(self, acceptor: B) -> Serve<L, S, B>
+    pub fn acceptor<A>(self, acceptor: A) -> Serve<L, S, A>
     where
-        B: Accept<L::Io>,
+        A: Accept<L::Io>,
     {
         Serve {
             listener: self.listener,
@@ -403,18 +483,12 @@ impl<L: Listener, S, A> Serve<L, S, A> {
             connect_info: self.connect_info,
             acceptor: Arc::new(acceptor),
             handshake_timeout: self.handshake_timeout,
+            accepted_info: None,
         }
-    }
-
-    /// The longest an [`acceptor`](Serve::acceptor)'s handshake may take
-    /// (10 s by default) before its connection is closed.
-    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.handshake_timeout = timeout;
-        self
     }
 }
 
-impl<L: Listener, S, A> fmt::Debug for Serve<L, S, A> {
+impl<L: Listener, S, A: Accept<L::Io>> fmt::Debug for Serve<L, S, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serve")
             .field("local_addr", &self.listener.local_addr().ok())
@@ -425,6 +499,7 @@ impl<L: Listener, S, A> fmt::Debug for Serve<L, S, A> {
             .field("connect_info", &self.connect_info.is_some())
             .field("acceptor", &std::any::type_name::<A>())
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("accepted_info", &self.accepted_info.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -456,6 +531,7 @@ where
                 connect_info,
                 acceptor,
                 handshake_timeout,
+                accepted_info,
             } = self;
             if let Some(close_grace) = close_grace {
                 graceful.set_close_grace(close_grace);
@@ -504,12 +580,17 @@ where
                 let service = service.clone();
                 let builder = builder.clone();
                 let graceful = graceful.clone();
+                let accepted_info = accepted_info.clone();
                 tokio::spawn(async move {
                     let handshake = acceptor.accept(io);
                     let Some(io) =
                         handshake_within(handshake, &graceful, handshake_timeout, idle_grace).await
                     else {
                         return;
+                    };
+                    let extend = match (extend, accepted_info.map(|make| make(&io))) {
+                        (Some(first), Some(then)) => Some(both(first, then)),
+                        (first, then) => first.or(then),
                     };
                     serve_connection(io, service, extend, builder, graceful, token, idle_grace)
                         .await;

@@ -342,3 +342,114 @@ async fn plain_http_on_the_tls_port_is_closed_and_others_are_served() {
     .await
     .unwrap();
 }
+
+/// The certificate a client presented, as handlers see it.
+#[derive(Clone)]
+struct ClientCert(Vec<u8>);
+
+/// With mutual TLS, `accepted_info` hands each request the certificate its
+/// own connection's client presented, over HTTP/1.1 and HTTP/2, next to
+/// what `connect_info` says of the connection; a client without one is
+/// turned away by the handshake.
+#[tokio::test]
+async fn accepted_info_gives_each_request_its_clients_certificate() {
+    timeout(BOUND, async {
+        use axum::Extension;
+        use axum::extract::ConnectInfo;
+        use tokio_rustls::server::TlsStream as ServerTls;
+
+        let (server_cert, alice, bob) = (Cert::new(), Cert::new(), Cert::new());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let graceful = Graceful::new();
+        let app = Router::new().route(
+            "/cert",
+            get(
+                |Extension(ClientCert(der)): Extension<ClientCert>,
+                 ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                    let mut body = peer.to_string().into_bytes();
+                    body.push(b' ');
+                    body.extend(der);
+                    body
+                },
+            ),
+        );
+        let tls = server_cert.acceptor_requiring(&[&alice, &bob]);
+        let serve = handover::serve(listener, app, &graceful)
+            .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
+            .acceptor(move |tcp| tls.accept(tcp))
+            .accepted_info(|tls: &ServerTls<TcpStream>| {
+                let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                ClientCert(certs.first().map(|c| c.to_vec()).unwrap_or_default())
+            });
+        let server = tokio::spawn(serve.into_future());
+
+        let mut clients = Vec::new();
+        for (who, alpn) in [(&alice, &b"http/1.1"[..]), (&bob, &b"h2"[..])] {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let stream = tls::connector_as(&[&server_cert], &[alpn], who)
+                .connect(tls::server_name(), tcp)
+                .await
+                .unwrap();
+            let expected = [format!("{local} ").into_bytes(), who.der.to_vec()].concat();
+            clients.push((stream, expected, alpn == b"h2"));
+        }
+        // Two requests on each connection, each told its own client.
+        for (stream, expected, h2) in clients {
+            let mut responses = Vec::new();
+            if h2 {
+                let (sender, conn) = hyper::client::conn::http2::handshake(
+                    TokioExecutor::new(),
+                    TokioIo::new(stream),
+                )
+                .await
+                .unwrap();
+                tokio::spawn(conn);
+                let (a, b) = tokio::join!(
+                    sender.clone().send_request(get_req("/cert")),
+                    sender.clone().send_request(get_req("/cert")),
+                );
+                responses.extend([a.unwrap(), b.unwrap()]);
+            } else {
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                for _ in 0..2 {
+                    let res = sender.send_request(get_req("/cert")).await.unwrap();
+                    responses.push(res);
+                }
+            }
+            for res in responses {
+                assert_eq!(res.status(), StatusCode::OK);
+                assert_eq!(body_of(res).await, expected);
+            }
+        }
+
+        // No client certificate: the handshake fails, nothing is served.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let anonymous = tls::connector(&[&server_cert], &[b"http/1.1"])
+            .connect(tls::server_name(), tcp)
+            .await;
+        let refused = match anonymous {
+            Err(_) => true,
+            // TLS 1.3: the client learns of the refusal on its first read.
+            Ok(mut stream) => {
+                let _ = stream
+                    .write_all(b"GET /cert HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    .await;
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).await.is_err() || answer.is_empty()
+            }
+        };
+        assert!(refused, "a client without a certificate is not served");
+
+        graceful.start_drain();
+        let report = server.await.unwrap().unwrap();
+        assert!(report.is_clean(), "{report}");
+    })
+    .await
+    .unwrap();
+}

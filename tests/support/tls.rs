@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -42,16 +43,57 @@ impl Cert {
     /// A server presenting this certificate, offering HTTP/2 and HTTP/1.1
     /// by ALPN.
     pub fn acceptor(&self) -> TlsAcceptor {
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![self.der.clone()], key)
+            .with_single_cert(vec![self.der.clone()], self.key())
             .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         TlsAcceptor::from(Arc::new(config))
     }
+}
+
+impl Cert {
+    /// A server presenting this certificate that asks every client for
+    /// one of `clients` (mutual TLS).
+    pub fn acceptor_requiring(&self, clients: &[&Cert]) -> TlsAcceptor {
+        let mut roots = RootCertStore::empty();
+        for cert in clients {
+            roots.add(cert.der.clone()).unwrap();
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.der.clone()], self.key())
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+/// A client that trusts `certs`, offers `alpn`, and presents `own`.
+pub fn connector_as(certs: &[&Cert], alpn: &[&[u8]], own: &Cert) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert.der.clone()).unwrap();
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![own.der.clone()], own.key())
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
 }
 
 /// A client that trusts `certs` and offers `alpn`.
