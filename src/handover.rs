@@ -532,6 +532,19 @@ impl<L: Listener, S, A: Accept<L::Io>> HandoverServe<L, S, A> {
         self
     }
 
+    /// Adjusts hyper-util's HTTP/1 and HTTP/2 server settings (HTTP/2
+    /// keep-alive pings, stream limits); see
+    /// [`Serve::http_builder`](crate::Serve::http_builder).
+    pub fn http_builder<F>(mut self, configure: F) -> Self
+    where
+        F: FnOnce(&mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>)
+            + Send
+            + 'static,
+    {
+        self.serve = self.serve.http_builder(configure);
+        self
+    }
+
     /// The longest an acceptor's handshake may take (10 s by default); see
     /// [`Serve::handshake_timeout`](crate::Serve::handshake_timeout).
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {

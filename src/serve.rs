@@ -34,6 +34,9 @@ type MakeExtend<L> =
 /// Makes a connection's [`Extend`] from the stream its acceptor returned.
 type MakeAcceptedExtend<Io> = Arc<dyn Fn(&Io) -> Extend + Send + Sync>;
 
+/// Adjusts the HTTP builder, after handover's own settings.
+type Configure = Box<dyn FnOnce(&mut Builder<TokioExecutor>) + Send>;
+
 /// Inserts a clone of `value`.
 fn insert<T: Clone + Send + Sync + 'static>(value: T) -> Extend {
     Arc::new(move |extensions: &mut http::Extensions| {
@@ -243,6 +246,7 @@ where
         acceptor: Arc::new(DefaultAcceptor),
         handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         accepted_info: None,
+        configure: Vec::new(),
     }
 }
 
@@ -260,6 +264,7 @@ pub struct Serve<L: Listener, S, A: Accept<L::Io> = DefaultAcceptor> {
     acceptor: Arc<A>,
     handshake_timeout: Duration,
     accepted_info: Option<MakeAcceptedExtend<A::Io>>,
+    configure: Vec<Configure>,
 }
 
 impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
@@ -300,6 +305,45 @@ impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
     /// tens of milliseconds on some responses.
     pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
         self.tcp_nodelay = nodelay;
+        self
+    }
+
+    /// Adjusts hyper-util's HTTP/1 and HTTP/2 server settings: HTTP/2
+    /// keep-alive pings for long gRPC streams (what tonic's
+    /// `http2_keepalive_interval` sets on its own server), concurrent
+    /// stream and header size limits, HTTP/1 header read timeouts.
+    ///
+    /// `configure` runs once, when serving starts, on a builder that has
+    /// handover's settings already: tokio's timer for both protocols, and
+    /// extended CONNECT (WebSockets over HTTP/2). Call it again to add more.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # async fn run(
+    /// #     graceful: handover::Graceful,
+    /// #     listener: tokio::net::TcpListener,
+    /// #     app: axum::Router,
+    /// # ) -> std::io::Result<()> {
+    /// handover::serve(listener, app, &graceful)
+    ///     .http_builder(|builder| {
+    ///         builder
+    ///             .http2()
+    ///             .keep_alive_interval(Duration::from_secs(20))
+    ///             .max_concurrent_streams(500);
+    ///         builder.http1().header_read_timeout(Duration::from_secs(10));
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn http_builder<F>(mut self, configure: F) -> Self
+    where
+        F: FnOnce(&mut Builder<TokioExecutor>) + Send + 'static,
+    {
+        self.configure.push(Box::new(configure));
         self
     }
 
@@ -484,6 +528,7 @@ impl<L: Listener, S> Serve<L, S> {
             acceptor: Arc::new(acceptor),
             handshake_timeout: self.handshake_timeout,
             accepted_info: None,
+            configure: self.configure,
         }
     }
 }
@@ -500,6 +545,7 @@ impl<L: Listener, S, A: Accept<L::Io>> fmt::Debug for Serve<L, S, A> {
             .field("acceptor", &std::any::type_name::<A>())
             .field("handshake_timeout", &self.handshake_timeout)
             .field("accepted_info", &self.accepted_info.is_some())
+            .field("http_builder", &self.configure.len())
             .finish_non_exhaustive()
     }
 }
@@ -532,6 +578,7 @@ where
                 acceptor,
                 handshake_timeout,
                 accepted_info,
+                configure,
             } = self;
             if let Some(close_grace) = close_grace {
                 graceful.set_close_grace(close_grace);
@@ -545,6 +592,9 @@ where
                 .http2()
                 .timer(TokioTimer::new())
                 .enable_connect_protocol();
+            for configure in configure {
+                configure(&mut builder);
+            }
             let builder = Arc::new(builder);
 
             let mut drain = pin!(graceful.signal().draining());

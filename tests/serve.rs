@@ -606,6 +606,66 @@ async fn connect_info_on_a_unix_socket_gives_requests_the_peers_credentials() {
     .unwrap();
 }
 
+/// `http_builder` reaches hyper's server settings: here HTTP/1 header
+/// names go out in title case, and an HTTP/2 client is held to one stream
+/// at a time.
+#[tokio::test]
+async fn http_builder_settings_reach_every_connection() {
+    timeout(BOUND, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let graceful = Graceful::new();
+        let serve = handover::serve(listener, app(Calls::default()), &graceful)
+            .http_builder(|builder| {
+                builder.http1().title_case_headers(true);
+            })
+            .http_builder(|builder| {
+                builder.http2().max_concurrent_streams(1);
+            });
+        let server = tokio::spawn(serve.into_future());
+
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.contains("\r\nContent-Length: 5\r\n"), "{response}");
+
+        // Two slow requests on one HTTP/2 connection: the second waits for
+        // the first's stream to end.
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        // Once this is answered, the client has the server's SETTINGS.
+        let first = sender.clone().send_request(get_req("/")).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        let started = Instant::now();
+        let (a, b) = tokio::join!(
+            sender.clone().send_request(get_req("/sleep/200")),
+            sender.clone().send_request(get_req("/sleep/200")),
+        );
+        assert_eq!(a.unwrap().status(), StatusCode::OK);
+        assert_eq!(b.unwrap().status(), StatusCode::OK);
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "one stream at a time: {:?}",
+            started.elapsed()
+        );
+
+        drop(sender);
+        graceful.start_drain();
+        let report = server.await.unwrap().unwrap();
+        assert!(report.is_clean(), "{report}");
+    })
+    .await
+    .unwrap();
+}
+
 mod upgraded {
     //! WebSocket connections, upgraded through axum, under the serve loop
     //! and under `axum::serve` with an `UpgradeToken`.
