@@ -623,15 +623,18 @@ where
                 if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
                     log!(debug, error = %e, ?peer, "could not set TCP_NODELAY");
                 }
-                let extend = connect_info.as_ref().map(|make| make(&io, &peer));
                 // Counted from now: a drain waits for the handshake too.
                 let token = graceful.connection_token();
                 let acceptor = acceptor.clone();
                 let service = service.clone();
                 let builder = builder.clone();
                 let graceful = graceful.clone();
+                let connect_info = connect_info.clone();
                 let accepted_info = accepted_info.clone();
+                // In the connection's task, not here: the application's
+                // closures cannot stall or end the accept loop.
                 tokio::spawn(async move {
+                    let extend = connect_info.map(|make| make(&io, &peer));
                     let handshake = acceptor.accept(io);
                     let Some(io) =
                         handshake_within(handshake, &graceful, handshake_timeout, idle_grace).await

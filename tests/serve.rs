@@ -666,6 +666,47 @@ async fn http_builder_settings_reach_every_connection() {
     .unwrap();
 }
 
+/// A `connect_info` closure that panics costs its own connection only: the
+/// accept loop goes on, and the drain does not wait for the lost one.
+#[tokio::test]
+async fn a_panicking_connect_info_closes_only_its_connection() {
+    timeout(BOUND, async {
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let graceful = Graceful::new();
+        let first = Arc::new(AtomicBool::new(true));
+        let serve = handover::serve(listener, app(Calls::default()), &graceful).connect_info(
+            move |_, peer: &SocketAddr| {
+                assert!(
+                    !first.swap(false, Ordering::SeqCst),
+                    "a bug in the application"
+                );
+                ConnectInfo(*peer)
+            },
+        );
+        let server = tokio::spawn(serve.into_future());
+
+        let mut doomed = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = doomed.read(&mut buf).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "closed: {read:?}");
+
+        let (mut sender, conn) = http1(addr).await;
+        let res = sender.send_request(get_req("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        drop(sender);
+        let _ = conn.await;
+
+        graceful.start_drain();
+        let report = server.await.unwrap().unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(graceful.connections(), 0);
+    })
+    .await
+    .unwrap();
+}
+
 mod upgraded {
     //! WebSocket connections, upgraded through axum, under the serve loop
     //! and under `axum::serve` with an `UpgradeToken`.
