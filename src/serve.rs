@@ -113,8 +113,10 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 
-/// Makes the stream that HTTP is served on from an accepted connection,
-/// such as a TLS handshake. Set with [`Serve::acceptor`].
+/// Makes the stream that HTTP is served on from an accepted connection: a
+/// TLS handshake, or reading a PROXY protocol header (with
+/// [`Serve::accepted_info`] to hand on the client's address). Set with
+/// [`Serve::acceptor`].
 ///
 /// Any `Fn(I) -> impl Future<Output = io::Result<Io>>` is one, such as
 /// `move |tcp| tls.accept(tcp)` with tokio-rustls's `TlsAcceptor`.
