@@ -154,26 +154,9 @@ async fn systemd_socket_activation_and_notifications() {
         let notify_path = deploy.dir.join("notify.sock");
         let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
         let port = free_port();
-        let mut activator = tokio::process::Command::new("systemd-socket-activate")
-            .arg("-l")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--fdname=http")
-            .args(["-E", "RUST_LOG=info", "-E"])
-            .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
-            .arg(&deploy.bin)
-            .arg("--addr")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--pid-file")
-            .arg(&deploy.pid_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("systemd-socket-activate is installed (Debian package systemd)");
+        let notify_var = format!("NOTIFY_SOCKET={}", notify_path.display());
+        let (mut activator, _log) = activated_hello(&deploy, port, port, &[&notify_var]).await;
         let first = activator.id().unwrap();
-        // The activator execs the server on the first connection.
-        drop(connect_when_listening(port).await);
         let body = get(port).await;
         assert_eq!(
             body,

@@ -15,8 +15,8 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::routing::get;
 use bytes::Bytes;
 use handover::{DrainReport, Graceful};
-use http::header::{CONNECTION, HOST};
-use http::{Request, StatusCode};
+use http::StatusCode;
+use http::header::CONNECTION;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::IntoFuture;
@@ -25,10 +25,14 @@ use tokio::net::unix::UCred;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
+
+use served::{Served, get_req};
 use tonic::transport::server::TcpConnectInfo;
 
 #[path = "support/h2_websocket.rs"]
 mod h2_websocket;
+#[path = "support/served.rs"]
+mod served;
 #[path = "support/websocket.rs"]
 mod websocket;
 
@@ -74,48 +78,17 @@ fn app(calls: Calls) -> Router {
         .with_state(calls)
 }
 
-struct Server {
-    addr: SocketAddr,
-    graceful: Graceful,
-    calls: Calls,
-    task: JoinHandle<io::Result<DrainReport>>,
-}
-
-impl Server {
-    async fn start(idle_grace: Duration, drain_timeout: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
-        let calls = Calls::default();
-        let serve = handover::serve(listener, app(calls.clone()), &graceful)
+/// `app` on a fresh port with these settings; its calls are counted.
+async fn start(idle_grace: Duration, drain_timeout: Duration) -> (Served, Calls) {
+    let calls = Calls::default();
+    let app = app(calls.clone());
+    let server = Served::start(|listener, graceful| {
+        handover::serve(listener, app, graceful)
             .idle_grace(idle_grace)
-            .drain_timeout(drain_timeout);
-        let task = tokio::spawn(async move { serve.await });
-        Server {
-            addr,
-            graceful,
-            calls,
-            task,
-        }
-    }
-
-    async fn report(self) -> DrainReport {
-        self.task.await.unwrap().unwrap()
-    }
-
-    /// Waits (bounded by the test's timeout) until `n` requests are in flight.
-    async fn wait_in_flight(&self, n: usize) {
-        while self.graceful.in_flight() < n {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-}
-
-fn get_req(path: &str) -> Request<Empty<Bytes>> {
-    Request::get(path)
-        .header(HOST, "127.0.0.1")
-        .body(Empty::new())
-        .unwrap()
+            .drain_timeout(drain_timeout)
+    })
+    .await;
+    (server, calls)
 }
 
 async fn http1(
@@ -141,7 +114,7 @@ struct ClientLog {
 async fn http1_keep_alive_clients_get_every_response_they_sent_for_during_a_drain() {
     timeout(BOUND, async {
         const CLIENTS: usize = 8;
-        let server = Server::start(Duration::from_millis(500), Duration::from_secs(20)).await;
+        let (server, calls) = start(Duration::from_millis(500), Duration::from_secs(20)).await;
         let answered = Arc::new(AtomicUsize::new(0));
 
         let clients: Vec<_> = (0..CLIENTS)
@@ -192,7 +165,7 @@ async fn http1_keep_alive_clients_get_every_response_they_sent_for_during_a_drai
                 "each client left because its last response said `Connection: close`: {log:?}"
             );
         }
-        let calls = server.calls.0.load(Ordering::SeqCst);
+        let calls = calls.0.load(Ordering::SeqCst);
         let report = server.report().await;
         assert!(report.is_clean(), "{report}");
         assert_eq!(report.connections_finished, CLIENTS);
@@ -210,7 +183,7 @@ async fn http1_keep_alive_clients_get_every_response_they_sent_for_during_a_drai
 async fn http2_open_streams_finish_after_goaway_and_new_streams_go_nowhere() {
     timeout(BOUND, async {
         const STREAMS: usize = 5;
-        let server = Server::start(Duration::from_secs(5), Duration::from_secs(20)).await;
+        let (server, calls) = start(Duration::from_secs(5), Duration::from_secs(20)).await;
         let stream = TcpStream::connect(server.addr).await.unwrap();
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -251,7 +224,7 @@ async fn http2_open_streams_finish_after_goaway_and_new_streams_go_nowhere() {
             "no new stream after GOAWAY"
         );
         assert_eq!(
-            server.calls.0.load(Ordering::SeqCst),
+            calls.0.load(Ordering::SeqCst),
             STREAMS,
             "nothing after GOAWAY was processed"
         );
@@ -271,7 +244,7 @@ async fn http2_open_streams_finish_after_goaway_and_new_streams_go_nowhere() {
 async fn streaming_response_started_before_the_drain_is_delivered_whole() {
     timeout(BOUND, async {
         let idle_grace = Duration::from_secs(10);
-        let server = Server::start(idle_grace, Duration::from_secs(30)).await;
+        let (server, _) = start(idle_grace, Duration::from_secs(30)).await;
         let (mut sender, conn) = http1(server.addr).await;
         let response = sender.send_request(get_req("/stream")).await.unwrap();
         let mut body = response.into_body();
@@ -314,7 +287,7 @@ async fn idle_keep_alive_connections_do_not_hold_the_drain_past_idle_grace() {
         const IDLE: usize = 20;
         let idle_grace = Duration::from_millis(300);
         let drain_timeout = Duration::from_secs(30);
-        let server = Server::start(idle_grace, drain_timeout).await;
+        let (server, _) = start(idle_grace, drain_timeout).await;
         let mut conns = Vec::new();
         for _ in 0..IDLE {
             let (mut sender, conn) = http1(server.addr).await;
@@ -348,7 +321,7 @@ async fn idle_keep_alive_connections_do_not_hold_the_drain_past_idle_grace() {
 async fn a_client_that_never_finishes_its_request_is_forced_at_the_deadline() {
     timeout(BOUND, async {
         let drain_timeout = Duration::from_millis(800);
-        let server = Server::start(Duration::from_millis(100), drain_timeout).await;
+        let (server, _) = start(Duration::from_millis(100), drain_timeout).await;
         // Slowloris: a request head that never ends.
         let mut slow = TcpStream::connect(server.addr).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
@@ -389,7 +362,7 @@ async fn a_client_that_never_finishes_its_request_is_forced_at_the_deadline() {
 #[tokio::test]
 async fn nothing_is_accepted_once_the_drain_starts() {
     timeout(BOUND, async {
-        let server = Server::start(Duration::from_millis(100), Duration::from_secs(10)).await;
+        let (server, _) = start(Duration::from_millis(100), Duration::from_secs(10)).await;
         let addr = server.addr;
         server.graceful.start_drain();
         let report = server.report().await;
@@ -406,7 +379,7 @@ async fn nothing_is_accepted_once_the_drain_starts() {
 #[tokio::test]
 async fn curl_requests_in_flight_during_a_drain_complete() {
     timeout(BOUND, async {
-        let server = Server::start(Duration::from_millis(200), Duration::from_secs(20)).await;
+        let (server, _) = start(Duration::from_millis(200), Duration::from_secs(20)).await;
         let url = format!("http://{}/sleep/400", server.addr);
         let spawn_curl = |extra: &'static str| {
             let mut cmd = tokio::process::Command::new("curl");
@@ -450,7 +423,7 @@ async fn curl_requests_in_flight_during_a_drain_complete() {
 async fn malformed_http_during_a_drain_never_holds_the_process() {
     timeout(BOUND, async {
         let drain_timeout = Duration::from_millis(600);
-        let server = Server::start(Duration::from_millis(100), drain_timeout).await;
+        let (server, _) = start(Duration::from_millis(100), drain_timeout).await;
         let mut garbage = TcpStream::connect(server.addr).await.unwrap();
         garbage
             .write_all(b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n")
@@ -504,17 +477,17 @@ async fn connect_info_tells_each_request_the_peer_of_its_own_connection() {
         ) -> String {
             format!("{peer} {:?} {:?}", info.local_addr, info.remote_addr)
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
         let app = Router::new().route("/peer", get(peer));
-        let serve = handover::serve(listener, app, &graceful)
-            .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
-            .connect_info(|io: &TcpStream, peer: &SocketAddr| TcpConnectInfo {
-                local_addr: io.local_addr().ok(),
-                remote_addr: Some(*peer),
-            });
-        let server = tokio::spawn(serve.into_future());
+        let server = Served::start(|listener, graceful| {
+            handover::serve(listener, app, graceful)
+                .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
+                .connect_info(|io: &TcpStream, peer: &SocketAddr| TcpConnectInfo {
+                    local_addr: io.local_addr().ok(),
+                    remote_addr: Some(*peer),
+                })
+        })
+        .await;
+        let addr = server.addr;
         let expected = |client: SocketAddr| format!("{client} Some({addr}) Some({client})");
         let body = |res: http::Response<hyper::body::Incoming>| async move {
             assert_eq!(res.status(), StatusCode::OK);
@@ -554,9 +527,7 @@ async fn connect_info_tells_each_request_the_peer_of_its_own_connection() {
         assert_eq!(body(b.unwrap()).await, expected(client));
 
         drop((h1, sender));
-        graceful.start_drain();
-        let report = server.await.unwrap().unwrap();
-        assert!(report.is_clean(), "{report}");
+        server.drain_clean().await;
     })
     .await
     .unwrap();
@@ -612,17 +583,17 @@ async fn connect_info_on_a_unix_socket_gives_requests_the_peers_credentials() {
 #[tokio::test]
 async fn http_builder_settings_reach_every_connection() {
     timeout(BOUND, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
-        let serve = handover::serve(listener, app(Calls::default()), &graceful)
-            .http_builder(|builder| {
-                builder.http1().title_case_headers(true);
-            })
-            .http_builder(|builder| {
-                builder.http2().max_concurrent_streams(1);
-            });
-        let server = tokio::spawn(serve.into_future());
+        let server = Served::start(|listener, graceful| {
+            handover::serve(listener, app(Calls::default()), graceful)
+                .http_builder(|builder| {
+                    builder.http1().title_case_headers(true);
+                })
+                .http_builder(|builder| {
+                    builder.http2().max_concurrent_streams(1);
+                })
+        })
+        .await;
+        let addr = server.addr;
 
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
@@ -658,9 +629,7 @@ async fn http_builder_settings_reach_every_connection() {
         );
 
         drop(sender);
-        graceful.start_drain();
-        let report = server.await.unwrap().unwrap();
-        assert!(report.is_clean(), "{report}");
+        server.drain_clean().await;
     })
     .await
     .unwrap();
@@ -672,20 +641,20 @@ async fn http_builder_settings_reach_every_connection() {
 async fn a_panicking_connect_info_closes_only_its_connection() {
     timeout(BOUND, async {
         use std::sync::atomic::AtomicBool;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
         let first = Arc::new(AtomicBool::new(true));
-        let serve = handover::serve(listener, app(Calls::default()), &graceful).connect_info(
-            move |_, peer: &SocketAddr| {
-                assert!(
-                    !first.swap(false, Ordering::SeqCst),
-                    "a bug in the application"
-                );
-                ConnectInfo(*peer)
-            },
-        );
-        let server = tokio::spawn(serve.into_future());
+        let server = Served::start(|listener, graceful| {
+            handover::serve(listener, app(Calls::default()), graceful).connect_info(
+                move |_, peer: &SocketAddr| {
+                    assert!(
+                        !first.swap(false, Ordering::SeqCst),
+                        "a bug in the application"
+                    );
+                    ConnectInfo(*peer)
+                },
+            )
+        })
+        .await;
+        let addr = server.addr;
 
         let mut doomed = TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 64];
@@ -698,9 +667,8 @@ async fn a_panicking_connect_info_closes_only_its_connection() {
         drop(sender);
         let _ = conn.await;
 
-        graceful.start_drain();
-        let report = server.await.unwrap().unwrap();
-        assert!(report.is_clean(), "{report}");
+        let graceful = server.graceful.clone();
+        server.drain_clean().await;
         assert_eq!(graceful.connections(), 0);
     })
     .await
@@ -777,9 +745,6 @@ mod proxy_protocol {
     #[tokio::test]
     async fn an_acceptor_reads_the_header_and_handlers_see_the_real_client() {
         timeout(BOUND, async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let graceful = Graceful::new();
             let app =
                 Router::new().route(
                     "/",
@@ -787,10 +752,13 @@ mod proxy_protocol {
                         client.to_string()
                     }),
                 );
-            let serve = handover::serve(listener, app, &graceful)
-                .acceptor(read_header)
-                .accepted_info(|proxied: &Proxied| ConnectInfo(proxied.client));
-            let server = tokio::spawn(serve.into_future());
+            let server = Served::start(|listener, graceful| {
+                handover::serve(listener, app, graceful)
+                    .acceptor(read_header)
+                    .accepted_info(|proxied: &Proxied| ConnectInfo(proxied.client))
+            })
+            .await;
+            let addr = server.addr;
 
             let mut stream = TcpStream::connect(addr).await.unwrap();
             stream
@@ -819,9 +787,7 @@ mod proxy_protocol {
             assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 
             drop(sender);
-            graceful.start_drain();
-            let report = server.await.unwrap().unwrap();
-            assert!(report.is_clean(), "{report}");
+            server.drain_clean().await;
         })
         .await
         .unwrap();
@@ -886,13 +852,13 @@ mod upgraded {
         app: Router,
         close_grace: Duration,
     ) -> (SocketAddr, Graceful, JoinHandle<io::Result<DrainReport>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
-        let serve = handover::serve(listener, app, &graceful)
-            .close_grace(close_grace)
-            .drain_timeout(Duration::from_secs(30));
-        (addr, graceful, tokio::spawn(serve.into_future()))
+        let server = Served::start(|listener, graceful| {
+            handover::serve(listener, app, graceful)
+                .close_grace(close_grace)
+                .drain_timeout(Duration::from_secs(30))
+        })
+        .await;
+        (server.addr, server.graceful, server.task)
     }
 
     /// `took` from the drain's start to a force: at the close grace, not

@@ -4,8 +4,6 @@
 //! are slow, silent or garbage.
 #![allow(clippy::unwrap_used)]
 
-use std::future::IntoFuture;
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,19 +11,21 @@ use axum::Router;
 use axum::extract::Path;
 use axum::routing::get;
 use bytes::Bytes;
-use handover::{DrainReport, Graceful};
-use http::header::{CONNECTION, HOST};
-use http::{Request, StatusCode};
+use http::StatusCode;
+use http::header::CONNECTION;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::client::TlsStream;
 
+#[path = "support/served.rs"]
+mod served;
 #[path = "support/tls.rs"]
 mod tls;
+use served::{Served, get_req};
 use tls::Cert;
 
 /// Every test ends within this, whatever happens.
@@ -41,53 +41,17 @@ fn app() -> Router {
         .route("/sleep/{ms}", get(sleep))
 }
 
-struct Server {
-    addr: SocketAddr,
-    graceful: Graceful,
-    task: JoinHandle<io::Result<DrainReport>>,
-}
-
-impl Server {
-    async fn start(cert: &Cert, idle_grace: Duration, handshake_timeout: Duration) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
-        let tls = cert.acceptor();
-        let serve = handover::serve(listener, app(), &graceful)
+/// `app` over TLS with `cert`, on a fresh port, with these settings.
+async fn start(cert: &Cert, idle_grace: Duration, handshake_timeout: Duration) -> Served {
+    let tls = cert.acceptor();
+    Served::start(|listener, graceful| {
+        handover::serve(listener, app(), graceful)
             .idle_grace(idle_grace)
             .drain_timeout(Duration::from_secs(20))
             .acceptor(move |tcp| tls.accept(tcp))
-            .handshake_timeout(handshake_timeout);
-        let task = tokio::spawn(serve.into_future());
-        Server {
-            addr,
-            graceful,
-            task,
-        }
-    }
-
-    async fn report(self) -> DrainReport {
-        self.task.await.unwrap().unwrap()
-    }
-
-    async fn wait_in_flight(&self, n: usize) {
-        while self.graceful.in_flight() < n {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
-    async fn wait_connections(&self, n: usize) {
-        while self.graceful.connections() != n {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-}
-
-fn get_req(path: &str) -> Request<Empty<Bytes>> {
-    Request::get(path)
-        .header(HOST, "127.0.0.1")
-        .body(Empty::new())
-        .unwrap()
+            .handshake_timeout(handshake_timeout)
+    })
+    .await
 }
 
 /// A TLS connection to `addr` over `tcp`, offering `alpn`; returns it and
@@ -106,6 +70,23 @@ async fn tls_over(tcp: TcpStream, cert: &Cert, alpn: &[&[u8]]) -> (TlsStream<Tcp
     (stream, chosen)
 }
 
+/// An HTTP/1.1 client over TLS (chosen by ALPN) on `tcp`; its connection
+/// runs in a task.
+async fn https1(
+    tcp: TcpStream,
+    cert: &Cert,
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    JoinHandle<hyper::Result<()>>,
+) {
+    let (stream, alpn) = tls_over(tcp, cert, &[b"http/1.1"]).await;
+    assert_eq!(alpn, b"http/1.1");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
 async fn body_of(res: http::Response<hyper::body::Incoming>) -> Bytes {
     res.into_body().collect().await.unwrap().to_bytes()
 }
@@ -116,16 +97,10 @@ async fn body_of(res: http::Response<hyper::body::Incoming>) -> Bytes {
 async fn https_requests_in_flight_over_http1_and_http2_finish_across_a_drain() {
     timeout(BOUND, async {
         let cert = Cert::new();
-        let server =
-            Server::start(&cert, Duration::from_millis(200), Duration::from_secs(10)).await;
+        let server = start(&cert, Duration::from_millis(200), Duration::from_secs(10)).await;
 
         let tcp = TcpStream::connect(server.addr).await.unwrap();
-        let (h1, alpn) = tls_over(tcp, &cert, &[b"http/1.1"]).await;
-        assert_eq!(alpn, b"http/1.1");
-        let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(TokioIo::new(h1))
-            .await
-            .unwrap();
-        let h1_conn = tokio::spawn(h1_conn);
+        let (mut h1, h1_conn) = https1(tcp, &cert).await;
         // Keep-alive works before the drain.
         let res = h1.send_request(get_req("/")).await.unwrap();
         assert_eq!(body_of(res).await, "hello");
@@ -175,8 +150,7 @@ async fn curl_is_served_over_https_with_http1_and_http2() {
         let dir = std::env::temp_dir().join(format!("handover-tls-curl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         cert.install(&dir);
-        let server =
-            Server::start(&cert, Duration::from_millis(100), Duration::from_secs(10)).await;
+        let server = start(&cert, Duration::from_millis(100), Duration::from_secs(10)).await;
         let url = format!("https://127.0.0.1:{}/", server.addr.port());
         for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
             let out = tokio::process::Command::new("curl")
@@ -194,9 +168,7 @@ async fn curl_is_served_over_https_with_http1_and_http2() {
                 format!("hello {version}")
             );
         }
-        server.graceful.start_drain();
-        let report = server.report().await;
-        assert!(report.is_clean(), "{report}");
+        server.drain_clean().await;
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await
@@ -209,17 +181,12 @@ async fn curl_is_served_over_https_with_http1_and_http2() {
 async fn a_handshake_begun_before_the_drain_is_finished_and_its_request_answered() {
     timeout(BOUND, async {
         let cert = Cert::new();
-        let server =
-            Server::start(&cert, Duration::from_millis(500), Duration::from_secs(10)).await;
+        let server = start(&cert, Duration::from_millis(500), Duration::from_secs(10)).await;
         let tcp = TcpStream::connect(server.addr).await.unwrap();
         server.wait_connections(1).await;
         server.graceful.start_drain();
 
-        let (stream, _) = tls_over(tcp, &cert, &[b"http/1.1"]).await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = https1(tcp, &cert).await;
         let res = sender.send_request(get_req("/")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers()[CONNECTION], "close");
@@ -258,7 +225,7 @@ async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_g
     timeout(BOUND, async {
         let cert = Cert::new();
         let handshake_timeout = Duration::from_millis(300);
-        let server = Server::start(&cert, Duration::from_millis(100), handshake_timeout).await;
+        let server = start(&cert, Duration::from_millis(100), handshake_timeout).await;
         let mut silent = TcpStream::connect(server.addr).await.unwrap();
         let took = time_to_close(&mut silent).await;
         assert!(
@@ -267,16 +234,7 @@ async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_g
         );
         server.wait_connections(0).await;
         // The server goes on serving.
-        let (stream, _) = tls_over(
-            TcpStream::connect(server.addr).await.unwrap(),
-            &cert,
-            &[b"http/1.1"],
-        )
-        .await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let (mut sender, _) = https1(TcpStream::connect(server.addr).await.unwrap(), &cert).await;
         let res = sender.send_request(get_req("/")).await.unwrap();
         assert_eq!(body_of(res).await, "hello");
         drop(sender);
@@ -284,7 +242,7 @@ async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_g
 
         // With a handshake timeout far away, the drain's idle grace ends it.
         let idle_grace = Duration::from_millis(150);
-        let server = Server::start(&cert, idle_grace, Duration::from_secs(30)).await;
+        let server = start(&cert, idle_grace, Duration::from_secs(30)).await;
         let mut silent = TcpStream::connect(server.addr).await.unwrap();
         server.wait_connections(1).await;
         server.graceful.start_drain();
@@ -306,18 +264,8 @@ async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_g
 async fn plain_http_on_the_tls_port_is_closed_and_others_are_served() {
     timeout(BOUND, async {
         let cert = Cert::new();
-        let server =
-            Server::start(&cert, Duration::from_millis(100), Duration::from_secs(10)).await;
-        let (stream, _) = tls_over(
-            TcpStream::connect(server.addr).await.unwrap(),
-            &cert,
-            &[b"http/1.1"],
-        )
-        .await;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let server = start(&cert, Duration::from_millis(100), Duration::from_secs(10)).await;
+        let (mut sender, _) = https1(TcpStream::connect(server.addr).await.unwrap(), &cert).await;
 
         let mut plain = TcpStream::connect(server.addr).await.unwrap();
         plain
@@ -335,9 +283,7 @@ async fn plain_http_on_the_tls_port_is_closed_and_others_are_served() {
         assert_eq!(body_of(res).await, "hello");
         drop(sender);
         server.wait_connections(0).await;
-        server.graceful.start_drain();
-        let report = server.report().await;
-        assert!(report.is_clean(), "{report}");
+        server.drain_clean().await;
     })
     .await
     .unwrap();
@@ -359,9 +305,6 @@ async fn accepted_info_gives_each_request_its_clients_certificate() {
         use tokio_rustls::server::TlsStream as ServerTls;
 
         let (server_cert, alice, bob) = (Cert::new(), Cert::new(), Cert::new());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
         let app = Router::new().route(
             "/cert",
             get(
@@ -375,14 +318,17 @@ async fn accepted_info_gives_each_request_its_clients_certificate() {
             ),
         );
         let tls = server_cert.acceptor_requiring(&[&alice, &bob]);
-        let serve = handover::serve(listener, app, &graceful)
-            .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
-            .acceptor(move |tcp| tls.accept(tcp))
-            .accepted_info(|tls: &ServerTls<TcpStream>| {
-                let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-                ClientCert(certs.first().map(|c| c.to_vec()).unwrap_or_default())
-            });
-        let server = tokio::spawn(serve.into_future());
+        let server = Served::start(|listener, graceful| {
+            handover::serve(listener, app, graceful)
+                .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
+                .acceptor(move |tcp| tls.accept(tcp))
+                .accepted_info(|tls: &ServerTls<TcpStream>| {
+                    let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                    ClientCert(certs.first().map(|c| c.to_vec()).unwrap_or_default())
+                })
+        })
+        .await;
+        let addr = server.addr;
 
         let mut clients = Vec::new();
         for (who, alpn) in [(&alice, &b"http/1.1"[..]), (&bob, &b"h2"[..])] {
@@ -446,9 +392,7 @@ async fn accepted_info_gives_each_request_its_clients_certificate() {
         };
         assert!(refused, "a client without a certificate is not served");
 
-        graceful.start_drain();
-        let report = server.await.unwrap().unwrap();
-        assert!(report.is_clean(), "{report}");
+        server.drain_clean().await;
     })
     .await
     .unwrap();

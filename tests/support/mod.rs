@@ -481,20 +481,16 @@ impl Load {
 
     /// Like [`start`](Self::start), over HTTP/2 (prior knowledge) when `http2`.
     pub fn start_with(addr: SocketAddr, clients: usize, path: &'static str, http2: bool) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(Mutex::new(Vec::new()));
-        let pids = Arc::new(Mutex::new(BTreeSet::new()));
-        let retried = Arc::new(AtomicUsize::new(0));
-        let tasks = if http2 {
+        let mut load = Self::not_started();
+        load.tasks = if http2 {
             (0..clients)
                 .map(|_| {
                     let (stop, ok, failed, pids, retried) = (
-                        stop.clone(),
-                        ok.clone(),
-                        failed.clone(),
-                        pids.clone(),
-                        retried.clone(),
+                        load.stop.clone(),
+                        load.ok.clone(),
+                        load.failed.clone(),
+                        load.pids.clone(),
+                        load.retried.clone(),
                     );
                     tokio::spawn(async move {
                         use load_client::Outcome;
@@ -537,15 +533,20 @@ impl Load {
         } else {
             let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
             let client = || Client::builder(TokioExecutor::new()).build_http();
-            Self::pooled_clients(clients, client, uri, &stop, &ok, &failed, &pids)
+            load.pooled_clients(clients, client, uri)
         };
+        load
+    }
+
+    /// Counts at zero, no client yet.
+    fn not_started() -> Load {
         Load {
-            stop,
-            ok,
-            failed,
-            pids,
-            retried,
-            tasks,
+            stop: Arc::new(AtomicBool::new(false)),
+            ok: Arc::new(AtomicUsize::new(0)),
+            failed: Arc::new(Mutex::new(Vec::new())),
+            pids: Arc::new(Mutex::new(BTreeSet::new())),
+            retried: Arc::new(AtomicUsize::new(0)),
+            tasks: Vec::new(),
         }
     }
 
@@ -558,10 +559,7 @@ impl Load {
         path: &'static str,
         tls: tokio_rustls::rustls::ClientConfig,
     ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(Mutex::new(Vec::new()));
-        let pids = Arc::new(Mutex::new(BTreeSet::new()));
+        let mut load = Self::not_started();
         let uri: http::Uri = format!("https://{addr}{path}").parse().unwrap();
         let client = || {
             let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -571,27 +569,17 @@ impl Load {
                 .build();
             Client::builder(TokioExecutor::new()).build(https)
         };
-        let tasks = Self::pooled_clients(clients, client, uri, &stop, &ok, &failed, &pids);
-        Load {
-            stop,
-            ok,
-            failed,
-            pids,
-            retried: Arc::new(AtomicUsize::new(0)),
-            tasks,
-        }
+        load.tasks = load.pooled_clients(clients, client, uri);
+        load
     }
 
     /// `clients` loops of requests, each on a pooled keep-alive client of
     /// its own.
     fn pooled_clients<C>(
+        &self,
         clients: usize,
         client: impl Fn() -> Client<C, Empty<Bytes>>,
         uri: http::Uri,
-        stop: &Arc<AtomicBool>,
-        ok: &Arc<AtomicUsize>,
-        failed: &Arc<Mutex<Vec<String>>>,
-        pids: &Arc<Mutex<BTreeSet<u32>>>,
     ) -> Vec<JoinHandle<()>>
     where
         C: Connect + Clone + Send + Sync + 'static,
@@ -599,8 +587,12 @@ impl Load {
         (0..clients)
             .map(|_| {
                 let client = client();
-                let (stop, ok, failed, pids) =
-                    (stop.clone(), ok.clone(), failed.clone(), pids.clone());
+                let (stop, ok, failed, pids) = (
+                    self.stop.clone(),
+                    self.ok.clone(),
+                    self.failed.clone(),
+                    self.pids.clone(),
+                );
                 let uri = uri.clone();
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {

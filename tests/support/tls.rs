@@ -58,13 +58,10 @@ impl Cert {
     /// A server presenting this certificate that asks every client for
     /// one of `clients` (mutual TLS).
     pub fn acceptor_requiring(&self, clients: &[&Cert]) -> TlsAcceptor {
-        let mut roots = RootCertStore::empty();
-        for cert in clients {
-            roots.add(cert.der.clone()).unwrap();
-        }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .unwrap();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(clients)), provider())
+                .build()
+                .unwrap();
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -82,33 +79,35 @@ impl Cert {
 
 /// A client that trusts `certs`, offers `alpn`, and presents `own`.
 pub fn connector_as(certs: &[&Cert], alpn: &[&[u8]], own: &Cert) -> TlsConnector {
-    let mut roots = RootCertStore::empty();
-    for cert in certs {
-        roots.add(cert.der.clone()).unwrap();
-    }
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![own.der.clone()], own.key())
-        .unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    TlsConnector::from(Arc::new(config))
+    TlsConnector::from(Arc::new(client(certs, alpn, Some(own))))
 }
 
 /// A client that trusts `certs` and offers `alpn`.
 pub fn client_config(certs: &[&Cert], alpn: &[&[u8]]) -> ClientConfig {
+    client(certs, alpn, None)
+}
+
+fn client(certs: &[&Cert], alpn: &[&[u8]], own: Option<&Cert>) -> ClientConfig {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(certs));
+    let mut config = match own {
+        Some(own) => builder
+            .with_client_auth_cert(vec![own.der.clone()], own.key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+fn roots(certs: &[&Cert]) -> RootCertStore {
     let mut roots = RootCertStore::empty();
     for cert in certs {
         roots.add(cert.der.clone()).unwrap();
     }
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
+    roots
 }
 
 pub fn connector(certs: &[&Cert], alpn: &[&[u8]]) -> TlsConnector {
