@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use crate::error::Error;
 use crate::sys::{self, Family};
+use crate::upgrade::FileId;
 
 /// Number of inherited listeners (systemd's socket-activation protocol).
 pub const LISTEN_FDS: &str = "LISTEN_FDS";
@@ -651,14 +652,7 @@ fn bind_tcp(addrs: &[SocketAddr]) -> std::io::Result<tokio::net::TcpListener> {
 /// Whether the socket bound at `local` is the one at `asked`: the same path,
 /// or the same file by another path (relative, through a symlink).
 fn same_socket_path(local: &Path, asked: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if local == asked {
-        return true;
-    }
-    match (std::fs::metadata(local), std::fs::metadata(asked)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+    local == asked || FileId::of(local).is_some_and(|id| FileId::of(asked) == Some(id))
 }
 
 fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {

@@ -263,14 +263,14 @@ impl Upgrader {
 
 /// A file's identity: its device and inode numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
+pub(crate) struct FileId {
     dev: u64,
     ino: u64,
 }
 
 impl FileId {
     /// The identity of what `path` names, following symlinks.
-    fn of(path: &Path) -> Option<Self> {
+    pub(crate) fn of(path: &Path) -> Option<Self> {
         std::fs::metadata(path).ok().map(|meta| Self {
             dev: meta.dev(),
             ino: meta.ino(),
