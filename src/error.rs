@@ -49,6 +49,17 @@ pub enum Error {
     /// This process is PID 1 (a container's init): its exit would end the
     /// container and the new generation with it, so it does not upgrade.
     Pid1,
+    /// This process's parent is an init that exits when this process does:
+    /// tini (Docker's `--init`), dumb-init, catatonit (Podman's `--init`),
+    /// or a shell running a container's entry script as PID 1. The old
+    /// generation's exit would end the container and the new generation
+    /// with it, so it does not upgrade.
+    InitParent {
+        /// The parent's pid.
+        pid: u32,
+        /// The parent's name (`/proc/PID/comm`).
+        name: String,
+    },
     /// The new generation exited before it was ready.
     ChildExited {
         /// Its pid.
@@ -100,6 +111,12 @@ impl fmt::Display for Error {
             Error::Pid1 => f.write_str(
                 "refusing to upgrade as PID 1: the old generation's exit would end the container; \
                  use a rolling update or a supervisor such as systemd",
+            ),
+            Error::InitParent { pid, name } => write!(
+                f,
+                "refusing to upgrade: the parent process, {name} (pid {pid}), exits when this \
+                 process does, and would end the container and the new generation with it; \
+                 use a rolling update or a supervisor such as systemd"
             ),
             Error::ChildExited { pid, status } => {
                 write!(

@@ -349,7 +349,8 @@ impl Handover {
     ///
     /// Another upgrade is running ([`Error::UpgradeInProgress`]), the binary
     /// is missing or broken, the child exited or was not ready in time, the
-    /// process is shutting down or draining, or it is PID 1. In every case
+    /// process is shutting down or draining, or its exit would end its
+    /// container ([`Error::Pid1`], [`Error::InitParent`]). In every case
     /// this generation keeps serving, and the child, if one was started, has
     /// been killed and reaped.
     pub async fn upgrade(&self) -> Result<u32, Error> {

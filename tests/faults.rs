@@ -9,7 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::{
-    Deploy, Load, Server, children_of, fd_count, is_alive, processes_from, send_signal, wait_until,
+    Deploy, Launch, Load, Server, children_of, fd_count, is_alive, processes_from, send_signal,
+    wait_until,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::timeout;
@@ -29,14 +30,6 @@ async fn pending_child(old: u32) -> u32 {
     )
     .await;
     child.unwrap()
-}
-
-/// Waits until a line containing `text` appears `n` times in the logs.
-async fn wait_log(server: &Server, text: &str, n: usize) {
-    wait_until(text, Duration::from_secs(20), || {
-        server.log_text().matches(text).count() >= n
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +62,7 @@ async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_s
         let child = pending_child(old).await;
         send_signal(child, "KILL");
         failures += 1;
-        wait_log(&server, "upgrade failed", failures).await;
+        server.wait_log("upgrade failed", failures).await;
         assert!(!is_alive(child), "reaped");
         load.wait_answers(50).await;
 
@@ -79,11 +72,11 @@ async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_s
         for (i, delay_ms) in [0u64, 500].into_iter().enumerate() {
             send_signal(old, "HUP");
             let child = pending_child(old).await;
-            wait_log(&server, "warming up", 2 + i).await;
+            server.wait_log("warming up", 2 + i).await;
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             send_signal(child, "KILL");
             failures += 1;
-            wait_log(&server, "upgrade failed", failures).await;
+            server.wait_log("upgrade failed", failures).await;
             assert!(
                 server
                     .log_text()
@@ -123,9 +116,11 @@ async fn a_stopped_child_is_killed_at_the_ready_timeout_and_reaped() {
         // Stopped once it runs the new binary (warming up): a child stopped
         // between clone and exec would also stop the spawn call that waits
         // for its exec, which no real deploy does.
-        wait_log(&server, "warming up", 2).await;
+        server.wait_log("warming up", 2).await;
         send_signal(child, "STOP");
-        wait_log(&server, "was not ready within 1s; it was killed", 1).await;
+        server
+            .wait_log("was not ready within 1s; it was killed", 1)
+            .await;
         assert!(!is_alive(child), "killed and reaped");
         assert_eq!(server.current_pid(), old);
         assert!(children_of(old).is_empty());
@@ -260,11 +255,11 @@ async fn unwritable_pid_file_and_dead_notify_socket_are_logged_and_serving_goes_
 #[tokio::test]
 async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
     timeout(BOUND, async {
-        let server = Server::start_limited(
+        let server = Server::launch(
             Deploy::new("nofds"),
+            Launch::FdLimit(48),
             &["--ready-timeout", "5"],
             &[],
-            Some(48),
         )
         .await;
         let old = server.current_pid();
@@ -272,10 +267,10 @@ async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
         for _ in 0..80 {
             held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
         }
-        wait_log(&server, "accept failed; backing off", 1).await;
+        server.wait_log("accept failed; backing off", 1).await;
 
         send_signal(old, "HUP");
-        wait_log(&server, "upgrade refused or failed", 1).await;
+        server.wait_log("upgrade refused or failed", 1).await;
         assert!(
             server.log_text().contains("Too many open files"),
             "{}",

@@ -235,6 +235,27 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// How a test starts the first generation.
+#[derive(Clone, Copy)]
+pub enum Launch<'a> {
+    /// As itself.
+    Direct,
+    /// Under `ulimit -n` this many fds.
+    FdLimit(u32),
+    /// As a container's process: in a pid namespace of its own (Linux's
+    /// `unshare`), under `init` (a program and its arguments), or as PID 1
+    /// itself when `init` is empty. `first` is `unshare`; nothing is
+    /// written to the pid file (whose pids would be the namespace's), so
+    /// find the server's pids with [`processes_from`].
+    Container(&'a [&'a str]),
+}
+
+/// Whether this test runs as root.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// A running `hello` and its successors.
 pub struct Server {
     pub deploy: Deploy,
@@ -260,33 +281,47 @@ impl Server {
     /// Starts the deployed binary with `--addr 127.0.0.1:0 --pid-file ..`
     /// and `args`.
     pub async fn start_with(deploy: Deploy, args: &[&str], extra_env: &[(&str, &str)]) -> Server {
-        Self::start_limited(deploy, args, extra_env, None).await
+        Self::launch(deploy, Launch::Direct, args, extra_env).await
     }
 
-    /// Like [`start_with`](Self::start_with), under `ulimit -n fd_limit`
-    /// when given.
-    pub async fn start_limited(
+    /// Like [`start_with`](Self::start_with), started as `launch` says.
+    pub async fn launch(
         deploy: Deploy,
+        launch: Launch<'_>,
         args: &[&str],
         extra_env: &[(&str, &str)],
-        fd_limit: Option<u32>,
     ) -> Server {
-        let mut command = match fd_limit {
-            None => tokio::process::Command::new(&deploy.bin),
-            Some(limit) => {
+        let mut command = match launch {
+            Launch::Direct => tokio::process::Command::new(&deploy.bin),
+            Launch::FdLimit(limit) => {
                 let mut sh = tokio::process::Command::new("sh");
                 sh.arg("-c")
                     .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
                     .arg(&deploy.bin);
                 sh
             }
+            Launch::Container(init) => {
+                let mut unshare = tokio::process::Command::new("unshare");
+                if !is_root() {
+                    unshare.args(["--user", "--map-root-user"]);
+                }
+                // `--kill-child`: if this test ends early, killing `unshare`
+                // kills the namespace's PID 1, and with it everything in it.
+                unshare
+                    .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                    .args(init)
+                    .arg(&deploy.bin);
+                unshare
+            }
         };
         if let Some(cwd) = &deploy.cwd {
             command.current_dir(cwd).env("PWD", cwd);
         }
+        command.args(["--addr", "127.0.0.1:0"]);
+        if !matches!(launch, Launch::Container(_)) {
+            command.arg("--pid-file").arg(&deploy.pid_file);
+        }
         command
-            .args(["--addr", "127.0.0.1:0", "--pid-file"])
-            .arg(&deploy.pid_file)
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("NOTIFY_SOCKET")
@@ -339,8 +374,20 @@ impl Server {
             known_pids: Mutex::new(BTreeSet::new()),
             log_readers: Mutex::new(log_readers),
         };
-        server.wait_pid_file_change(None).await;
+        if matches!(launch, Launch::Container(_)) {
+            server.wait_log("ready pid=", 1).await;
+        } else {
+            server.wait_pid_file_change(None).await;
+        }
         server
+    }
+
+    /// Waits until the server has logged `text` at least `n` times.
+    pub async fn wait_log(&self, text: &str, n: usize) {
+        wait_until(text, Duration::from_secs(20), || {
+            self.log_text().matches(text).count() >= n
+        })
+        .await;
     }
 
     /// Closes this end of the server's stdout and stderr, as a log
