@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
 //!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
-//!     [--tcp-nodelay on|off]
+//!     [--tcp-nodelay on|off] [--stable-parent on|off]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -20,6 +20,10 @@
 //! `SIGHUP` or `SIGUSR2` starts a new generation of this binary, hands it the
 //! listening socket, and drains this one once the new one is ready;
 //! `SIGTERM` or `SIGINT` drains and exits. Each step is logged.
+//!
+//! `--stable-parent on` lets it upgrade in a container too, where it is
+//! PID 1 or runs under tini or dumb-init: the first process stays as the
+//! parent of every generation (see `Builder::stable_parent`).
 //!
 //! `--warmup-ms` stands for an application that must warm up (fill caches,
 //! connect to a database) before it can serve: it takes its listener, waits
@@ -52,6 +56,15 @@ struct Args {
     close_grace: Duration,
     warmup: Duration,
     tcp_nodelay: bool,
+    stable_parent: bool,
+}
+
+fn on_off(flag: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{flag} {v}: say on or off")),
+    }
 }
 
 fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
@@ -68,6 +81,7 @@ fn parse_args() -> Result<Args, String> {
         close_grace: handover::DEFAULT_CLOSE_GRACE,
         warmup: Duration::ZERO,
         tcp_nodelay: true,
+        stable_parent: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,13 +92,8 @@ fn parse_args() -> Result<Args, String> {
             "--drain-timeout" => args.drain_timeout = seconds(&flag, &value)?,
             "--ready-timeout" => args.ready_timeout = seconds(&flag, &value)?,
             "--close-grace" => args.close_grace = seconds(&flag, &value)?,
-            "--tcp-nodelay" => {
-                args.tcp_nodelay = match value.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(format!("--tcp-nodelay {value}: say on or off")),
-                }
-            }
+            "--tcp-nodelay" => args.tcp_nodelay = on_off(&flag, &value)?,
+            "--stable-parent" => args.stable_parent = on_off(&flag, &value)?,
             "--warmup-ms" => {
                 let ms: u64 = value
                     .parse()
@@ -197,6 +206,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .drain_timeout(args.drain_timeout)
         .ready_timeout(args.ready_timeout)
         .close_grace(args.close_grace)
+        .stable_parent(args.stable_parent)
         // Readiness is said below, explicitly, after the warm-up.
         .auto_ready(false);
     if let Some(pid_file) = &args.pid_file {

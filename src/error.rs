@@ -48,12 +48,16 @@ pub enum Error {
     UpgradeInProgress,
     /// This process is PID 1 (a container's init): its exit would end the
     /// container and the new generation with it, so it does not upgrade.
+    /// [`Builder::stable_parent`](crate::Builder::stable_parent) makes
+    /// upgrades work there.
     Pid1,
     /// This process's parent is an init that exits when this process does:
     /// tini (Docker's `--init`), dumb-init, catatonit (Podman's `--init`),
     /// or a shell running a container's entry script as PID 1. The old
     /// generation's exit would end the container and the new generation
     /// with it, so it does not upgrade.
+    /// [`Builder::stable_parent`](crate::Builder::stable_parent) makes
+    /// upgrades work there.
     InitParent {
         /// The parent's pid.
         pid: u32,
@@ -110,13 +114,15 @@ impl fmt::Display for Error {
             Error::UpgradeInProgress => f.write_str("an upgrade is already in progress"),
             Error::Pid1 => f.write_str(
                 "refusing to upgrade as PID 1: the old generation's exit would end the container; \
-                 use a rolling update or a supervisor such as systemd",
+                 turn on Builder::stable_parent, or use a rolling update or a supervisor such as \
+                 systemd",
             ),
             Error::InitParent { pid, name } => write!(
                 f,
                 "refusing to upgrade: the parent process, {name} (pid {pid}), exits when this \
                  process does, and would end the container and the new generation with it; \
-                 use a rolling update or a supervisor such as systemd"
+                 turn on Builder::stable_parent, or use a rolling update or a supervisor such as \
+                 systemd"
             ),
             Error::ChildExited { pid, status } => {
                 write!(

@@ -136,6 +136,7 @@ pub struct Builder {
     upgrade_signals: Vec<SignalKind>,
     shutdown_signals: Vec<SignalKind>,
     auto_ready: bool,
+    stable_parent: bool,
 }
 
 impl Default for Builder {
@@ -153,6 +154,7 @@ impl Default for Builder {
                 SignalKind::quit(),
             ],
             auto_ready: true,
+            stable_parent: false,
         }
     }
 }
@@ -215,12 +217,43 @@ impl Builder {
         self
     }
 
+    /// Whether to keep one process as the stable parent of every
+    /// generation where this process's exit would end its container (off
+    /// by default; Linux only).
+    ///
+    /// There (the process is PID 1, or its parent is an init that exits
+    /// with it: see [`Error::Pid1`] and [`Error::InitParent`]), upgrades are
+    /// refused. With this on, [`from_env`](Builder::from_env) does not
+    /// return in that process: it starts the binary again as the first
+    /// generation, and stays, as its parent and its successors', until
+    /// none is left; then it exits with the last one's exit status (a
+    /// signal's is 128 plus its number). Meanwhile it passes the upgrade
+    /// signals to the current generation and the shutdown signals to every
+    /// running one, reaps every child, and passes `READY=1` on to a
+    /// `NOTIFY_SOCKET` of its own. The generations, under it, upgrade as
+    /// anywhere else. Everywhere else this setting does nothing.
+    ///
+    /// What runs before `from_env` runs in both processes: set up logging
+    /// there, and do the rest after it.
+    pub fn stable_parent(mut self, stable: bool) -> Self {
+        self.stable_parent = stable;
+        self
+    }
+
     /// Reads the inherited listeners from the environment (see
     /// [`Listeners::from_env`]) and resolves what an upgrade starts: this
     /// binary's path, arguments and working directory, now.
     ///
     /// Call it early in `main`, before other threads use the environment.
+    /// With [`stable_parent`](Builder::stable_parent) on, in a process
+    /// whose exit would end its container, it does not return unless the
+    /// first generation could not be started.
     pub fn from_env(self) -> Result<Handover, Error> {
+        #[cfg(target_os = "linux")]
+        if self.stable_parent && crate::upgrade::check_parent().is_err() {
+            let never = crate::keeper::run(self.upgrade_signals, self.shutdown_signals)?;
+            match never {}
+        }
         let listeners = Listeners::from_env()?;
         let upgrader = Upgrader::from_current_process(self.ready_timeout)?;
         let graceful = Graceful::new();
@@ -292,10 +325,11 @@ impl Handover {
     }
 
     /// Says this generation is ready: starts handling the upgrade and
-    /// shutdown signals, tells the previous generation (which then stops
+    /// shutdown signals, tells systemd or a stable parent (`READY=1`,
+    /// `MAINPID=`), tells the previous generation (which then stops
     /// accepting and drains), closes inherited listeners the application
-    /// did not take, writes the pid file and tells systemd (`READY=1`,
-    /// `MAINPID=`). Call it within the Tokio runtime.
+    /// did not take, and writes the pid file. Call it within the Tokio
+    /// runtime.
     ///
     /// [`serve`](Handover::serve) calls it when it starts accepting, unless
     /// [`Builder::auto_ready`] is off. Calling it again does nothing.
@@ -325,14 +359,17 @@ impl Handover {
                 first_error.get_or_insert(e);
             }
         };
-        note(self.inner.listeners.ready());
-        if let Some(path) = &self.inner.pid_file {
-            note(notify::write_pid_file(path));
-        }
+        // systemd, or a stable parent, hears it first: the previous
+        // generation exits once told, and what supervises both must know
+        // the new one by then.
         note(notify::sd_notify(&format!(
             "READY=1\nMAINPID={}",
             std::process::id()
         )));
+        note(self.inner.listeners.ready());
+        if let Some(path) = &self.inner.pid_file {
+            note(notify::write_pid_file(path));
+        }
         log!(
             info,
             pid = std::process::id(),

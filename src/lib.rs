@@ -100,6 +100,8 @@ macro_rules! log {
 mod error;
 mod graceful;
 mod handover;
+#[cfg(target_os = "linux")]
+mod keeper;
 mod layer;
 mod listener;
 mod notify;

@@ -278,7 +278,7 @@ impl FileId {
 
 /// Refuses an upgrade whose hand-over would end this process's container:
 /// this process is PID 1, or its parent is an init that exits with it.
-fn check_parent() -> Result<(), Error> {
+pub(crate) fn check_parent() -> Result<(), Error> {
     if std::process::id() == 1 {
         return Err(Error::Pid1);
     }

@@ -155,3 +155,214 @@ async fn under_an_entry_script_as_pid_1_an_upgrade_is_refused_and_serving_goes_o
     .await
     .unwrap();
 }
+
+/// The pid `pid` has in its own (innermost) pid namespace, as `hello`
+/// reports it in its answers.
+fn namespace_pid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|pids| pids.split_whitespace().last())
+        .and_then(|p| p.parse().ok())
+        .unwrap()
+}
+
+/// Children of `pid` that have exited and not been reaped.
+fn zombies_of(pid: u32) -> Vec<u32> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        if fields.next() == Some("Z") && fields.next() == Some(pid.to_string().as_str()) {
+            zombies.push(entry.file_name().to_str().unwrap().parse().unwrap());
+        }
+    }
+    zombies
+}
+
+/// A server started with `--stable-parent on` in a pid namespace under
+/// `init`: the namespace's PID 1, the stable parent, and its first
+/// generation.
+struct Kept {
+    server: Server,
+    ns_init: u32,
+    keeper: u32,
+}
+
+impl Kept {
+    async fn start(tag: &str, init: &[&str]) -> Kept {
+        let server = Server::launch(
+            Deploy::new(tag),
+            Launch::Container(init),
+            &["--stable-parent", "on"],
+            &[],
+        )
+        .await;
+        let unshare = server.first.id().unwrap();
+        let [ns_init] = children_of(unshare)[..] else {
+            panic!("unshare has one child, the namespace's PID 1");
+        };
+        let keeper = if init.is_empty() {
+            ns_init
+        } else {
+            let [keeper] = children_of(ns_init)[..] else {
+                panic!("the init has one child, the stable parent");
+            };
+            keeper
+        };
+        Kept {
+            server,
+            ns_init,
+            keeper,
+        }
+    }
+
+    /// The one generation running under the stable parent.
+    fn generation(&self) -> u32 {
+        let [generation] = children_of(self.keeper)[..] else {
+            panic!(
+                "one generation under the stable parent: {:?}\n{}",
+                children_of(self.keeper),
+                self.server.log_text()
+            );
+        };
+        generation
+    }
+
+    /// Upgrades through the namespace's PID 1, as `docker kill -s HUP`
+    /// does; returns the new generation once the old one has exited.
+    async fn restart(&self) -> u32 {
+        let old = self.generation();
+        send_signal(self.ns_init, "HUP");
+        let mut new = None;
+        wait_until(
+            "the next generation alone under the stable parent",
+            Duration::from_secs(20),
+            || {
+                new = match children_of(self.keeper)[..] {
+                    [one] if one != old => Some(one),
+                    _ => None,
+                };
+                new.is_some()
+            },
+        )
+        .await;
+        new.unwrap()
+    }
+}
+
+/// With `stable_parent`, an upgrade in a container works: restarts under
+/// load lose no request, exactly one generation runs after each (plus the
+/// stable parent, which reaps every old one), and `SIGTERM` to PID 1 drains
+/// the last one and ends the container with its exit status, 0.
+async fn restarts_under(tag: &str, init: &[&str]) {
+    let mut kept = Kept::start(tag, init).await;
+    let load = Load::start(kept.server.addr, 4, "/");
+    load.wait_pid(namespace_pid(kept.generation())).await;
+    for _ in 0..3 {
+        let new = kept.restart().await;
+        load.wait_pid(namespace_pid(new)).await;
+        let mut running = processes_from(&kept.server.deploy.dir);
+        running.sort_unstable();
+        let mut expected = vec![kept.keeper, new];
+        expected.sort_unstable();
+        assert_eq!(running, expected, "the stable parent and one generation");
+        wait_until(
+            "the stable parent reaps the old generation",
+            Duration::from_secs(20),
+            || zombies_of(kept.keeper).is_empty(),
+        )
+        .await;
+    }
+    let (ok, failed, pids) = load.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {ok} failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(pids.len(), 4, "four generations answered: {pids:?}");
+
+    send_signal(kept.ns_init, "TERM");
+    let status = timeout(Duration::from_secs(20), kept.server.first.wait())
+        .await
+        .expect("the container ends after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "the container exited with {status}");
+    assert!(processes_from(&kept.server.deploy.dir).is_empty());
+    kept.server
+        .wait_log(
+            "stable parent: no generation left; exiting status=exit status: 0",
+            1,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn with_a_stable_parent_as_pid_1_restarts_lose_nothing() {
+    timeout(BOUND, restarts_under("kept-pid1", &[]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn with_a_stable_parent_under_tini_restarts_lose_nothing() {
+    timeout(BOUND, restarts_under("kept-tini", &["tini", "--"]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn with_a_stable_parent_under_dumb_init_restarts_lose_nothing() {
+    timeout(BOUND, restarts_under("kept-dumb-init", &["dumb-init"]))
+        .await
+        .unwrap();
+}
+
+/// A generation that dies (a crash, the OOM killer) ends the container with
+/// its status, as it would without the stable parent, so that the
+/// orchestrator restarts it.
+#[tokio::test]
+async fn a_stable_parent_exits_with_the_status_of_a_generation_that_died() {
+    timeout(BOUND, async {
+        let mut kept = Kept::start("kept-killed", &["tini", "--"]).await;
+        let generation = kept.restart().await;
+        send_signal(generation, "KILL");
+        let status = timeout(Duration::from_secs(20), kept.server.first.wait())
+            .await
+            .expect("the container ends")
+            .unwrap();
+        assert_eq!(status.code(), Some(137), "128 + SIGKILL, through tini");
+        assert!(processes_from(&kept.server.deploy.dir).is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+/// Where an exit ends nothing (here the parent is this test), the setting
+/// does nothing: the process started is the first generation, and it
+/// upgrades as ever.
+#[tokio::test]
+async fn outside_a_container_a_stable_parent_is_not_kept() {
+    timeout(BOUND, async {
+        let server = Server::start_with(
+            Deploy::new("not-kept"),
+            &["--stable-parent", "on", "--ready-timeout", "5"],
+            &[],
+        )
+        .await;
+        assert_eq!(server.current_pid(), server.first.id().unwrap());
+        let load = Load::start(server.addr, 4, "/");
+        let new = server.restart().await;
+        load.wait_pid(new).await;
+        assert_eq!(processes_from(&server.deploy.dir), vec![new]);
+        load.stop_all_answered().await;
+        assert!(!server.log_text().contains("stable parent"));
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}

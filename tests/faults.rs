@@ -202,7 +202,10 @@ async fn unwritable_pid_file_and_dead_notify_socket_are_logged_and_serving_goes_
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut logs = String::new();
         let mut addr = None;
-        while addr.is_none() || !logs.contains("notifying systemd") {
+        while addr.is_none()
+            || !logs.contains("notifying systemd")
+            || !logs.contains("writing pid file")
+        {
             let line = lines
                 .next_line()
                 .await

@@ -1,0 +1,289 @@
+//! The stable parent ([`Builder::stable_parent`](crate::Builder::stable_parent)):
+//! where this process's exit would end its container (it is PID 1, or its
+//! parent is an init that exits with it), it stays, as the parent of every
+//! generation, and the generations come and go under it.
+//!
+//! It does for its generations what systemd does for a `Type=notify`
+//! service with `NotifyAccess=all`, and no more: each generation tells it
+//! `READY=1` and `MAINPID=` on its `NOTIFY_SOCKET` (handover's
+//! [`Handover::ready`](crate::Handover::ready) does), so it knows the
+//! current one; it passes the upgrade signals to the current generation,
+//! and the shutdown signals to every generation still running (and to any
+//! that becomes ready later); it reaps every child (an orphan's too, as
+//! PID 1 must), is made the parent of orphaned generations
+//! (`PR_SET_CHILD_SUBREAPER`), and exits, with the last generation's exit
+//! status, once no generation is left.
+
+use std::convert::Infallible;
+use std::ffi::OsString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::ExitStatus;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::error::Error;
+use crate::listener::LISTEN_PID;
+use crate::notify::{self, NOTIFY_SOCKET};
+use crate::sys::process::{self, Process};
+
+/// Starts the first generation under this process, and stays its parent
+/// and its successors' until none is left; then exits with the last one's
+/// status. Returns only if the first generation could not be started.
+pub(crate) fn run(
+    upgrade: Vec<SignalKind>,
+    shutdown: Vec<SignalKind>,
+) -> Result<Infallible, Error> {
+    // A thread and a runtime of its own: `from_env` may be called inside
+    // the application's runtime, or before it is built.
+    let keeper = std::thread::Builder::new()
+        .name("handover-keeper".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("building the stable parent's runtime", e))?;
+            runtime.block_on(keep(upgrade, shutdown))
+        })
+        .map_err(|e| Error::io("starting the stable parent's thread", e))?;
+    let status = keeper.join().unwrap_or_else(|_| {
+        Err(Error::io(
+            "the stable parent",
+            std::io::Error::other("panicked"),
+        ))
+    })?;
+    std::process::exit(exit_code(status))
+}
+
+/// The code a shell would report for `status`: the exit code, or 128 plus
+/// the signal that ended the process.
+fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// What the stable parent knows of its generations.
+#[derive(Debug, Default)]
+struct Generations {
+    /// Those still running, oldest first: the last is the current one.
+    running: Vec<Process>,
+    /// The shutdown signal received, if one was: every generation that
+    /// becomes ready from then on gets it too.
+    stopping: Option<i32>,
+    /// How the last generation this process reaped exited.
+    last_status: Option<ExitStatus>,
+}
+
+impl Generations {
+    /// A generation said `READY=1` with `MAINPID=pid`.
+    fn ready(&mut self, pid: u32) {
+        if self.running.iter().any(|g| g.pid() == pid) {
+            return;
+        }
+        match Process::open(pid) {
+            Ok(generation) => {
+                log!(info, pid, "stable parent: a new generation is ready");
+                if let Some(signal) = self.stopping {
+                    let _ = generation.signal(signal);
+                }
+                self.running.push(generation);
+            }
+            Err(e) => {
+                log!(warn, pid, error = %e, "stable parent: a generation said it was ready but cannot be watched")
+            }
+        }
+    }
+
+    /// Passes an upgrade signal to the current generation.
+    fn upgrade(&self, signal: i32) {
+        if let Some(current) = self.running.last() {
+            let _ = current.signal(signal);
+        }
+    }
+
+    /// Passes a shutdown signal to every running generation.
+    fn shut_down(&mut self, signal: i32) {
+        self.stopping = Some(signal);
+        for generation in &self.running {
+            let _ = generation.signal(signal);
+        }
+    }
+
+    /// Reaps every child that has exited, and forgets the generations that
+    /// have; `Some(status)` once none is left.
+    fn reap(&mut self) -> Option<ExitStatus> {
+        loop {
+            match process::reap_any() {
+                Ok(Some((pid, status))) => {
+                    if self.running.iter().any(|g| g.pid() == pid) {
+                        self.last_status = Some(status);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log!(warn, error = %e, "stable parent: reaping children");
+                    break;
+                }
+            }
+        }
+        // Also those that were not our children when they exited (a new
+        // generation killed while its parent, the old one, was alive).
+        self.running.retain(|g| !g.has_exited());
+        // Exited without our having reaped it (not our child): a failure.
+        self.running
+            .is_empty()
+            .then(|| self.last_status.unwrap_or(ExitStatus::from_raw(1 << 8)))
+    }
+}
+
+/// The stable parent's life; resolves to the status to exit with.
+async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<ExitStatus, Error> {
+    // Signals are handled before the first generation exists, so none sent
+    // from its start on is lost.
+    let (tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
+    let kinds = upgrade
+        .iter()
+        .map(|k| (*k, true))
+        .chain(shutdown.iter().map(|k| (*k, false)));
+    for (kind, is_upgrade) in kinds {
+        let mut stream = signal(kind)
+            .map_err(|e| Error::io(format!("listening for signal {}", kind.as_raw_value()), e))?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send((kind.as_raw_value(), is_upgrade)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut children =
+        signal(SignalKind::child()).map_err(|e| Error::io("listening for SIGCHLD", e))?;
+    let (socket, address) = notify_socket()?;
+    if std::process::id() != 1 {
+        process::become_subreaper()
+            .map_err(|e| Error::io("becoming the generations' subreaper", e))?;
+    }
+
+    let first = start_first_generation(&address)?;
+    let mut generations = Generations::default();
+    generations.running.push(
+        Process::open(first)
+            .map_err(|e| Error::io("watching the first generation (pidfd_open)", e))?,
+    );
+    log!(
+        info,
+        pid = first,
+        "stable parent: started the first generation"
+    );
+
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            Some((signal, is_upgrade)) = signals.recv() => {
+                if is_upgrade {
+                    generations.upgrade(signal);
+                } else {
+                    log!(info, signal, "stable parent: passing on a shutdown signal");
+                    generations.shut_down(signal);
+                }
+            }
+            received = socket.recv(&mut buf) => {
+                if let Ok(n) = received {
+                    message(&mut generations, &buf[..n]);
+                }
+            }
+            _ = children.recv() => {
+                // A generation tells this process it is ready before it tells
+                // the previous one, whose exit comes after: every message
+                // sent before the exit that woke us is read first.
+                while let Ok(n) = socket.try_recv(&mut buf) {
+                    message(&mut generations, &buf[..n]);
+                }
+                if let Some(status) = generations.reap() {
+                    log!(info, status = %status, "stable parent: no generation left; exiting");
+                    return Ok(status);
+                }
+            }
+        }
+    }
+}
+
+/// Handles one `sd_notify` message from a generation: learns a new ready
+/// one, and passes the states on to the supervisor above, if there is one
+/// (the pid it would see is this process's, so `MAINPID=` is dropped).
+fn message(generations: &mut Generations, message: &[u8]) {
+    let text = String::from_utf8_lossy(message);
+    let mut ready = false;
+    let mut main_pid = None;
+    let mut upward = Vec::new();
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("READY", "1")) => {
+                ready = true;
+                upward.push(line);
+            }
+            Some(("MAINPID", pid)) => main_pid = pid.trim().parse::<u32>().ok(),
+            Some(_) => upward.push(line),
+            None => {}
+        }
+    }
+    if let (true, Some(pid)) = (ready, main_pid) {
+        generations.ready(pid);
+    }
+    if !upward.is_empty() {
+        let _ = notify::sd_notify(&upward.join("\n"));
+    }
+}
+
+/// A datagram socket for the generations' `sd_notify` messages, at an
+/// abstract address unique to this process (nothing on the file system).
+fn notify_socket() -> Result<(tokio::net::UnixDatagram, OsString), Error> {
+    use std::os::linux::net::SocketAddrExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("handover-stable-parent-{}-{nanos}", std::process::id());
+    let context = || format!("binding the stable parent's notify socket @{name}");
+    let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| Error::io(context(), e))?;
+    let socket = std::os::unix::net::UnixDatagram::bind_addr(&address)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixDatagram::from_std(s)
+        })
+        .map_err(|e| Error::io(context(), e))?;
+    Ok((socket, format!("@{name}").into()))
+}
+
+/// Starts this binary again, with the same arguments, environment and
+/// inherited fds (a socket-activated listener's too, without `LISTEN_PID`,
+/// which named this process), as the first generation.
+fn start_first_generation(notify_address: &OsString) -> Result<u32, Error> {
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    // The binary now running (by its own path, so that it keeps its name
+    // in `ps`; `/proc/self/exe` if that cannot be read).
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let child = std::process::Command::new(exe)
+        .arg0(&argv0)
+        .args(args)
+        .env(NOTIFY_SOCKET, notify_address)
+        .env_remove(LISTEN_PID)
+        .spawn()
+        .map_err(|e| Error::io("starting the first generation under the stable parent", e))?;
+    Ok(child.id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_a_shells() {
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGKILL)), 137);
+    }
+}
