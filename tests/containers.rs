@@ -15,7 +15,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Deploy, Launch, Load, Server, children_of, processes_from, send_signal, wait_until};
+use support::{
+    Deploy, Launch, Load, Server, children_of, namespace_pid, processes_from, send_signal,
+    wait_until, zombies_of,
+};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(60);
@@ -154,34 +157,6 @@ async fn under_an_entry_script_as_pid_1_an_upgrade_is_refused_and_serving_goes_o
     )
     .await
     .unwrap();
-}
-
-/// The pid `pid` has in its own (innermost) pid namespace, as `hello`
-/// reports it in its answers.
-fn namespace_pid(pid: u32) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|pids| pids.split_whitespace().last())
-        .and_then(|p| p.parse().ok())
-        .unwrap()
-}
-
-/// Children of `pid` that have exited and not been reaped.
-fn zombies_of(pid: u32) -> Vec<u32> {
-    let mut zombies = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...
-        let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-        if fields.next() == Some("Z") && fields.next() == Some(pid.to_string().as_str()) {
-            zombies.push(entry.file_name().to_str().unwrap().parse().unwrap());
-        }
-    }
-    zombies
 }
 
 /// A server started with `--stable-parent on` in a pid namespace under

@@ -194,11 +194,12 @@ pub fn processes_from(dir: &Path) -> Vec<u32> {
     pids
 }
 
-/// Live children of `pid`.
-pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
+/// Every process's pid, state (`R`, `S`, `Z`, ...) and parent's pid, from
+/// `/proc/PID/stat`.
+fn process_table() -> Vec<(u32, String, u32)> {
+    let mut table = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry
+        let Some(pid) = entry
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<u32>().ok())
@@ -210,23 +211,53 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         };
         // pid (comm) state ppid ...
         let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-        let _state = fields.next();
-        if fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid) && is_alive(child) {
-            children.push(child);
+        let state = fields.next().unwrap_or("").to_owned();
+        if let Some(ppid) = fields.next().and_then(|p| p.parse().ok()) {
+            table.push((pid, state, ppid));
         }
     }
-    children
+    table
+}
+
+/// Live children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    process_table()
+        .into_iter()
+        .filter(|(child, _, ppid)| *ppid == pid && is_alive(*child))
+        .map(|(child, _, _)| child)
+        .collect()
+}
+
+/// Children of `pid` that have exited and not been reaped.
+pub fn zombies_of(pid: u32) -> Vec<u32> {
+    process_table()
+        .into_iter()
+        .filter(|(_, state, ppid)| *ppid == pid && state == "Z")
+        .map(|(child, _, _)| child)
+        .collect()
+}
+
+/// The numbers on the line `field:` of `/proc/PID/status`.
+fn status_numbers(pid: u32, field: &str) -> Vec<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap();
+    line.split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
 }
 
 /// Resident memory of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    status_numbers(pid, "VmRSS")[0]
+}
+
+/// The pid `pid` has in its own (innermost) pid namespace.
+pub fn namespace_pid(pid: u32) -> u32 {
+    let pids = status_numbers(pid, "NSpid");
+    u32::try_from(*pids.last().unwrap()).unwrap()
 }
 
 pub fn fd_count(pid: u32) -> usize {
