@@ -45,7 +45,10 @@
 //!
 //! - [`Handover`]: inherit or bind listeners, serve, upgrade on a signal,
 //!   drain, write the pid file, notify systemd; returns how this generation
-//!   ended ([`Exit`]).
+//!   ended ([`Exit`]). In a container, where the old generation's exit
+//!   would end it, upgrades are refused unless
+//!   [`Builder::stable_parent`] keeps one process as every generation's
+//!   parent.
 //! - [`Listeners`]: listeners inherited from a previous generation or from
 //!   systemd socket activation (each fd validated), or bound.
 //! - [`Graceful`]: the counts of in-flight requests and open connections,
