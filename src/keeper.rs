@@ -259,7 +259,8 @@ fn notify_socket() -> Result<(tokio::net::UnixDatagram, OsString), Error> {
 
 /// Starts this binary again, with the same arguments, environment and
 /// inherited fds (a socket-activated listener's too, without `LISTEN_PID`,
-/// which named this process), as the first generation.
+/// which named this process), as the first generation, in a process group
+/// of its own.
 fn start_first_generation(notify_address: &OsString) -> Result<u32, Error> {
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
@@ -271,6 +272,11 @@ fn start_first_generation(notify_address: &OsString) -> Result<u32, Error> {
         .args(args)
         .env(NOTIFY_SOCKET, notify_address)
         .env_remove(LISTEN_PID)
+        // A process group of their own, which the generations' successors
+        // inherit: an init that signals this process's group (dumb-init
+        // does) then reaches the generations only through this process,
+        // which passes each signal on once, to the right generation.
+        .process_group(0)
         .spawn()
         .map_err(|e| Error::io("starting the first generation under the stable parent", e))?;
     Ok(child.id())

@@ -274,6 +274,11 @@ async fn restarts_under(tag: &str, init: &[&str]) {
             1,
         )
         .await;
+    // Each signal reached one generation once: dumb-init signals the
+    // stable parent's whole process group, which the generations are not in.
+    let logs = kept.server.log_text();
+    assert_eq!(logs.matches("upgrade requested").count(), 3, "{logs}");
+    assert!(!logs.contains("upgrade refused or failed"), "{logs}");
 }
 
 #[tokio::test]
