@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::{
     Deploy, Launch, Load, Server, children_of, fd_count, is_alive, processes_from, send_signal,
-    wait_until,
+    wait_exit, wait_until,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::timeout;
@@ -151,12 +151,7 @@ async fn the_old_generation_killed_mid_drain_loses_only_what_it_held() {
         send_signal(old, "HUP");
         let new = server.wait_pid_file_change(Some(old)).await;
         send_signal(old, "KILL");
-        wait_until(
-            "the old generation is gone",
-            Duration::from_secs(20),
-            || !is_alive(old),
-        )
-        .await;
+        wait_exit("the old generation is gone", old).await;
         // The new generation keeps serving.
         load.wait_pid(new).await;
         load.wait_answers(200).await;

@@ -8,7 +8,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{Deploy, is_alive, send_signal, wait_until};
+use support::{Deploy, send_signal, wait_exit};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(60);
@@ -183,22 +183,12 @@ async fn systemd_socket_activation_and_notifications() {
             .parse()
             .unwrap();
         assert_ne!(second, first);
-        wait_until(
-            "the first generation exits",
-            Duration::from_secs(20),
-            || !is_alive(first),
-        )
-        .await;
+        wait_exit("the first generation exits", first).await;
         assert_eq!(get(port).await, format!("hello from {second}"), "handed on");
 
         send_signal(second, "TERM");
         assert_eq!(next_message().await, "STOPPING=1");
-        wait_until(
-            "the second generation exits",
-            Duration::from_secs(20),
-            || !is_alive(second),
-        )
-        .await;
+        wait_exit("the second generation exits", second).await;
         let _ = activator.wait().await;
     })
     .await
@@ -353,22 +343,12 @@ async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_s
 
         // The next generation inherits the new socket and keeps it.
         send_signal(first, "HUP");
-        wait_until(
-            "the first generation exits",
-            Duration::from_secs(20),
-            || !is_alive(first),
-        )
-        .await;
+        wait_exit("the first generation exits", first).await;
         let second = deploy.read_pid().unwrap();
         assert_ne!(second, first);
         assert_eq!(get(new).await, format!("hello from {second}"));
         send_signal(second, "TERM");
-        wait_until(
-            "the second generation exits",
-            Duration::from_secs(20),
-            || !is_alive(second),
-        )
-        .await;
+        wait_exit("the second generation exits", second).await;
         let _ = activator.wait().await;
         let log = log.await.unwrap();
         assert_eq!(

@@ -8,7 +8,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Deploy, Load, Server, fd_count, is_alive, processes_from, send_signal, wait_until};
+use support::{
+    Deploy, Load, Server, fd_count, is_alive, processes_from, send_signal, wait_exit, wait_until,
+};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -95,7 +97,7 @@ async fn a_request_in_flight_during_the_restart_finishes_from_the_old_generation
 
         let (body, answered_at) = slow.await.unwrap();
         assert_eq!(body, format!("slept 1500 in {old}"));
-        wait_until("the old generation exits", Duration::from_secs(20), || !is_alive(old)).await;
+        wait_exit("the old generation exits", old).await;
         let exit_after = answered_at.elapsed();
         assert!(
             exit_after < Duration::from_secs(5),

@@ -173,6 +173,11 @@ pub async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> 
     }
 }
 
+/// Waits until `pid` has exited (`what` names it); panics after 20 s.
+pub async fn wait_exit(what: &str, pid: u32) {
+    wait_until(what, Duration::from_secs(20), || !is_alive(pid)).await;
+}
+
 /// Live processes running a binary from `dir`.
 pub fn processes_from(dir: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
@@ -483,10 +488,7 @@ impl Server {
                 self.log_text()
             );
         };
-        wait_until("the old generation exits", Duration::from_secs(20), || {
-            !is_alive(old)
-        })
-        .await;
+        wait_exit("the old generation exits", old).await;
         new
     }
 
@@ -505,10 +507,7 @@ impl Server {
     pub async fn stop_any(mut self) -> std::process::ExitStatus {
         let pid = self.current_pid();
         send_signal(pid, "TERM");
-        wait_until("the last generation exits", Duration::from_secs(20), || {
-            !is_alive(pid)
-        })
-        .await;
+        wait_exit("the last generation exits", pid).await;
         let status = self.first.wait().await.unwrap();
         assert!(
             processes_from(&self.deploy.dir).is_empty(),
