@@ -456,26 +456,7 @@ impl Handover {
         if self.inner.driver_started.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let kinds = self
-            .inner
-            .upgrade_signals
-            .iter()
-            .map(|k| (*k, true))
-            .chain(self.inner.shutdown_signals.iter().map(|k| (*k, false)));
-        for (kind, upgrade) in kinds {
-            let mut stream = signal(kind).map_err(|e| {
-                Error::io(format!("listening for signal {}", kind.as_raw_value()), e)
-            })?;
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while stream.recv().await.is_some() {
-                    if tx.send((kind, upgrade)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        let mut rx = signal_channel(&self.inner.upgrade_signals, &self.inner.shutdown_signals)?;
         let handover = self.clone();
         tokio::spawn(async move {
             while let Some((kind, upgrade)) = rx.recv().await {
@@ -513,6 +494,33 @@ impl Handover {
             }
         }
     }
+}
+
+/// Starts handling `upgrade` and `shutdown` signals (within the current
+/// runtime); each one received comes out of the channel with whether it is
+/// an upgrade signal.
+pub(crate) fn signal_channel(
+    upgrade: &[SignalKind],
+    shutdown: &[SignalKind],
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(SignalKind, bool)>, Error> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let kinds = upgrade
+        .iter()
+        .map(|k| (*k, true))
+        .chain(shutdown.iter().map(|k| (*k, false)));
+    for (kind, is_upgrade) in kinds {
+        let mut stream = signal(kind)
+            .map_err(|e| Error::io(format!("listening for signal {}", kind.as_raw_value()), e))?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send((kind, is_upgrade)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(rx)
 }
 
 impl fmt::Debug for Handover {

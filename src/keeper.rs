@@ -141,23 +141,7 @@ impl Generations {
 async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<ExitStatus, Error> {
     // Signals are handled before the first generation exists, so none sent
     // from its start on is lost.
-    let (tx, mut signals) = tokio::sync::mpsc::unbounded_channel();
-    let kinds = upgrade
-        .iter()
-        .map(|k| (*k, true))
-        .chain(shutdown.iter().map(|k| (*k, false)));
-    for (kind, is_upgrade) in kinds {
-        let mut stream = signal(kind)
-            .map_err(|e| Error::io(format!("listening for signal {}", kind.as_raw_value()), e))?;
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                if tx.send((kind.as_raw_value(), is_upgrade)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
+    let mut signals = crate::handover::signal_channel(&upgrade, &shutdown)?;
     let mut children =
         signal(SignalKind::child()).map_err(|e| Error::io("listening for SIGCHLD", e))?;
     let (socket, address) = notify_socket()?;
@@ -181,7 +165,8 @@ async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<Exi
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
-            Some((signal, is_upgrade)) = signals.recv() => {
+            Some((kind, is_upgrade)) = signals.recv() => {
+                let signal = kind.as_raw_value();
                 if is_upgrade {
                     generations.upgrade(signal);
                 } else {
