@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
 //!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
-//!     [--tcp-nodelay on|off] [--stable-parent on|off]
+//!     [--tcp-nodelay on|off] [--stable-parent on|off] [--standby on|off]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -24,6 +24,10 @@
 //! `--stable-parent on` lets it upgrade in a container too, where it is
 //! PID 1 or runs under tini or dumb-init: the first process stays as the
 //! parent of every generation (see `Builder::stable_parent`).
+//!
+//! `--standby on` keeps the next generation started and waiting, so that
+//! an upgrade hands it the listening socket without starting a process
+//! (see `Builder::standby`).
 //!
 //! `--warmup-ms` stands for an application that must warm up (fill caches,
 //! connect to a database) before it can serve: it takes its listener, waits
@@ -57,6 +61,7 @@ struct Args {
     warmup: Duration,
     tcp_nodelay: bool,
     stable_parent: bool,
+    standby: bool,
 }
 
 fn on_off(flag: &str, v: &str) -> Result<bool, String> {
@@ -82,6 +87,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: Duration::ZERO,
         tcp_nodelay: true,
         stable_parent: false,
+        standby: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -94,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
             "--close-grace" => args.close_grace = seconds(&flag, &value)?,
             "--tcp-nodelay" => args.tcp_nodelay = on_off(&flag, &value)?,
             "--stable-parent" => args.stable_parent = on_off(&flag, &value)?,
+            "--standby" => args.standby = on_off(&flag, &value)?,
             "--warmup-ms" => {
                 let ms: u64 = value
                     .parse()
@@ -207,6 +214,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .ready_timeout(args.ready_timeout)
         .close_grace(args.close_grace)
         .stable_parent(args.stable_parent)
+        .standby(args.standby)
         // Readiness is said below, explicitly, after the warm-up.
         .auto_ready(false);
     if let Some(pid_file) = &args.pid_file {

@@ -2,11 +2,12 @@
 //!
 //! ```text
 //! cargo run --release --example restart_bench -- [--seconds 10] [--every-ms 500]
-//!     [--h1 16] [--h2 4] [--streams 8] [--no-nagle-phase] [--hello PATH]
+//!     [--h1 16] [--h2 4] [--streams 8] [--no-nagle-phase] [--hello PATH] [--standby]
 //! ```
 //!
 //! It starts `examples/hello` (built in release mode first; `--hello` runs
-//! a `hello` built some other way instead, such as statically linked),
+//! a `hello` built some other way instead, such as statically linked;
+//! `--standby` runs it with `--standby on`: see `Builder::standby`),
 //! drives it with a keep-alive load from its own client (`--h1` HTTP/1.1
 //! connections and `--h2` HTTP/2 connections carrying `--streams`
 //! concurrent streams each), and runs two phases of `--seconds` each in one
@@ -59,6 +60,7 @@ struct Options {
     streams: usize,
     nagle_phase: bool,
     hello: Option<PathBuf>,
+    standby: bool,
 }
 
 fn parse() -> Result<Options, String> {
@@ -70,11 +72,16 @@ fn parse() -> Result<Options, String> {
         streams: 8,
         nagle_phase: true,
         hello: None,
+        standby: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--no-nagle-phase" {
             o.nagle_phase = false;
+            continue;
+        }
+        if flag == "--standby" {
+            o.standby = true;
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -302,7 +309,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hello = bench_support::chosen_hello(o.hello.as_deref())?;
     let dir = std::env::temp_dir().join(format!("handover-restart-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let server = Hello::start(&hello, &dir, &[]).await?;
+    let standby: &[&str] = if o.standby { &["--standby", "on"] } else { &[] };
+    let server = Hello::start(&hello, &dir, standby).await?;
     let addr = server.addr;
     let read_pid = || server.pid();
     let phase = Duration::from_secs_f64(o.seconds);

@@ -11,7 +11,8 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// An inheritance variable (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`,
-    /// `HANDOVER_READY_FD`) has a value that cannot be right.
+    /// `HANDOVER_READY_FD`, `HANDOVER_BOUND_FDNAMES`, `HANDOVER_STANDBY_FD`)
+    /// has a value that cannot be right.
     Env {
         /// The variable.
         var: &'static str,

@@ -48,7 +48,8 @@
 //!   ended ([`Exit`]). In a container, where the old generation's exit
 //!   would end it, upgrades are refused unless
 //!   [`Builder::stable_parent`] keeps one process as every generation's
-//!   parent.
+//!   parent. [`Builder::standby`] keeps the next generation started and
+//!   waiting, so that an upgrade need not start a process.
 //! - [`Listeners`]: listeners inherited from a previous generation or from
 //!   systemd socket activation (each fd validated), or bound.
 //! - [`Graceful`]: the counts of in-flight requests and open connections,
@@ -109,14 +110,15 @@ mod layer;
 mod listener;
 mod notify;
 mod serve;
+mod standby;
 mod sys;
 mod upgrade;
 
 pub use error::Error;
 pub use handover::{Builder, DEFAULT_READY_TIMEOUT, Exit, Handover, HandoverServe};
 pub use listener::{
-    BACKLOG, HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID,
-    Listeners,
+    BACKLOG, HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, HANDOVER_STANDBY_FD, LISTEN_FDNAMES,
+    LISTEN_FDS, LISTEN_PID, Listeners,
 };
 pub use notify::NOTIFY_SOCKET;
 

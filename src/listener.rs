@@ -24,6 +24,10 @@ pub const HANDOVER_READY_FD: &str = "HANDOVER_READY_FD";
 /// `:`-separated names of the inherited listeners that a previous
 /// generation bound itself (not systemd's): those follow a changed address.
 pub const HANDOVER_BOUND_FDNAMES: &str = "HANDOVER_BOUND_FDNAMES";
+/// Set in a standby (see [`Builder::standby`](crate::Builder::standby)):
+/// the Unix socket on which the previous generation will send the
+/// listeners and the readiness pipe.
+pub const HANDOVER_STANDBY_FD: &str = "HANDOVER_STANDBY_FD";
 
 /// The first inherited fd.
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
@@ -230,6 +234,10 @@ struct State {
 /// | `LISTEN_PID` | when set, must be this process's pid |
 /// | `HANDOVER_READY_FD` | the readiness pipe of a previous generation |
 /// | `HANDOVER_BOUND_FDNAMES` | which of them a previous generation bound itself |
+/// | `HANDOVER_STANDBY_FD` | in a standby ([`Builder::standby`](crate::Builder::standby)): the socket that all of the above will come on |
+///
+/// In a standby, `from_env` waits, blocking, until the previous generation
+/// hands over, and exits the process (status 0) if it never does.
 ///
 /// A listener that systemd passed stays where its `.socket` unit put it,
 /// whatever address the application asks for (a warning says so). One
@@ -256,6 +264,11 @@ impl Listeners {
     /// says what is wrong. Nothing is bound in its place.
     pub fn from_env() -> Result<Self, Error> {
         let var = |name: &str| std::env::var(name).ok();
+        if let Some(standby) = var(HANDOVER_STANDBY_FD) {
+            sys::remove_env(HANDOVER_STANDBY_FD);
+            let (spec, bound) = crate::standby::wait_for_upgrade(&standby)?;
+            return Self::adopt(spec, &bound);
+        }
         let spec = parse_env(
             var(LISTEN_FDS).as_deref(),
             var(LISTEN_FDNAMES).as_deref(),

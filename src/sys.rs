@@ -1,6 +1,7 @@
 //! The few system calls that the standard library does not wrap: adopting
 //! inherited fds and checking what they are; in [`spawn`], starting the next
-//! generation with its fds in place; in [`count`], the request counter
+//! generation with its fds in place; in [`fdpass`], handing fds to a
+//! standby over a Unix socket; in [`count`], the request counter
 //! that is its own reference count; and in `process` (Linux), what a
 //! stable parent does to the generations under it.
 //!
@@ -9,6 +10,7 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod count;
+pub(crate) mod fdpass;
 #[cfg(target_os = "linux")]
 pub(crate) mod process;
 pub(crate) mod spawn;
@@ -166,6 +168,11 @@ pub(crate) fn listening_stream_socket(fd: BorrowedFd<'_>) -> Result<Family, NotL
 /// Whether `fd` is a pipe (the readiness channel).
 pub(crate) fn is_pipe(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(fstat_mode(fd)? & libc::S_IFMT == libc::S_IFIFO)
+}
+
+/// Whether `fd` is a socket (a standby's channel to its generation).
+pub(crate) fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fstat_mode(fd)? & libc::S_IFMT == libc::S_IFSOCK)
 }
 
 /// Sets `FD_CLOEXEC`, so the fd does not leak into processes we `exec`.

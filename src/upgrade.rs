@@ -3,7 +3,9 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -13,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::listener::{
-    HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START,
-    LISTEN_PID, Listeners,
+    HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, HANDOVER_STANDBY_FD, LISTEN_FDNAMES, LISTEN_FDS,
+    LISTEN_FDS_START, LISTEN_PID, Listeners,
 };
 use crate::sys::spawn::Child;
-use crate::{notify, sys};
+use crate::{notify, standby, sys};
 
 /// How this process starts its successor: resolved once, at start-up.
 #[derive(Debug)]
@@ -34,6 +36,27 @@ pub(crate) struct Upgrader {
     running: AtomicBool,
     /// Woken when an upgrade ends (its child ready, or killed and reaped).
     ended: Notify,
+    /// Whether to keep a standby (see [`standby`]).
+    keep_standby: bool,
+    /// The standby, once started and until an upgrade takes it. Its lock
+    /// is held while one is started, so that an upgrade that begins
+    /// meanwhile finds it.
+    standby: Mutex<Option<Standby>>,
+    /// Set once this process has handed over or is shutting down: no more
+    /// standbys.
+    retired: AtomicBool,
+}
+
+/// A standby this process started: the next generation, waiting in
+/// `from_env` for the other end of `socket` to hand it the listeners.
+#[derive(Debug)]
+struct Standby {
+    child: Child,
+    socket: UnixStream,
+    /// The binary it runs.
+    exe: Option<FileId>,
+    /// The directory it runs in.
+    dir: Option<FileId>,
 }
 
 /// Clears `running` when the upgrade ends, however it ends.
@@ -47,7 +70,10 @@ impl Drop for Running<'_> {
 }
 
 impl Upgrader {
-    pub(crate) fn from_current_process(ready_timeout: Duration) -> Result<Self, Error> {
+    pub(crate) fn from_current_process(
+        ready_timeout: Duration,
+        keep_standby: bool,
+    ) -> Result<Self, Error> {
         // In a directory deleted since it was entered (an old release's),
         // `getcwd` fails, but the process runs on there, and so can the
         // next generation: "." names it.
@@ -72,7 +98,106 @@ impl Upgrader {
             ready_timeout,
             running: AtomicBool::new(false),
             ended: Notify::new(),
+            keep_standby,
+            standby: Mutex::new(None),
+            retired: AtomicBool::new(false),
         })
+    }
+
+    /// Whether this process keeps a standby.
+    pub(crate) fn keeps_standby(&self) -> bool {
+        self.keep_standby
+    }
+
+    fn standby_slot(&self) -> std::sync::MutexGuard<'_, Option<Standby>> {
+        self.standby.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a standby, unless this process keeps none, has one, is
+    /// upgrading, has handed over or is shutting down, or could not
+    /// upgrade at all (see [`check_parent`]). Returns its pid if it
+    /// started one.
+    pub(crate) fn start_standby(&self) -> Result<Option<u32>, Error> {
+        let mut slot = self.standby_slot();
+        if !self.keep_standby
+            || slot.is_some()
+            || self.is_running()
+            || self.retired.load(Ordering::SeqCst)
+            || check_parent().is_err()
+        {
+            return Ok(None);
+        }
+        self.check_binary()?;
+        let (ours, theirs) =
+            UnixStream::pair().map_err(|e| Error::io("creating the standby's socket", e))?;
+        let env = standby_env(std::env::vars_os());
+        let dir = self.child_dir();
+        let dir_id = FileId::of(dir.unwrap_or(Path::new(".")));
+        let exe = FileId::of(&self.exe);
+        let child = sys::spawn::spawn(&self.exe, &self.args, dir, &env, &[theirs.as_fd()])
+            .map_err(|e| Error::Binary {
+                path: self.exe.clone(),
+                reason: e.to_string(),
+            })?;
+        let pid = child.id();
+        // What it runs, if the binary was replaced while it started.
+        #[cfg(target_os = "linux")]
+        let exe = FileId::of(Path::new(&format!("/proc/{pid}/exe"))).or(exe);
+        *slot = Some(Standby {
+            child,
+            socket: ours,
+            exe,
+            dir: dir_id,
+        });
+        log!(info, pid, "standby started");
+        Ok(Some(pid))
+    }
+
+    /// Takes the standby for an upgrade, if it can serve as the next
+    /// generation: still running, from the binary and in the directory an
+    /// upgrade would start now. One that cannot is killed (and reaped once
+    /// it has exited).
+    fn take_standby(&self) -> Option<Standby> {
+        let standby = self.standby_slot().take()?;
+        let pid = standby.child.id();
+        let stale = if let Some(status) = standby.child.exit_status() {
+            log!(warn, pid, %status, "the standby exited before the upgrade; starting the next generation afresh");
+            return None;
+        } else if standby.exe.is_none() || FileId::of(&self.exe) != standby.exe {
+            "the binary has changed"
+        } else if FileId::of(self.child_dir().unwrap_or(Path::new("."))) != standby.dir {
+            "the working directory has changed"
+        } else {
+            return Some(standby);
+        };
+        log!(
+            info,
+            pid,
+            reason = stale,
+            "standby discarded; starting the next generation afresh"
+        );
+        let _ = standby.child.kill();
+        None
+    }
+
+    /// Keeps this process from starting a standby from now on, and kills
+    /// the one it has (which [`discard_standby`](Self::discard_standby)
+    /// then reaps).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        if let Some(standby) = &*self.standby_slot() {
+            let _ = standby.child.kill();
+        }
+    }
+
+    /// Ends the standby, if there is one, and keeps this process from
+    /// starting another; returns it to be waited for.
+    pub(crate) fn discard_standby(&self) -> Option<Child> {
+        self.retired.store(true, Ordering::SeqCst);
+        let standby = self.standby_slot().take()?;
+        let _ = standby.child.kill();
+        log!(info, pid = standby.child.id(), "standby discarded");
+        Some(standby.child)
     }
 
     /// The binary the next generation is started from.
@@ -163,7 +288,8 @@ impl Upgrader {
         result
     }
 
-    /// Spawns the next generation and waits until it is ready.
+    /// Starts the next generation (wakes the standby, or spawns it) and
+    /// waits until it is ready.
     async fn start_next(
         &self,
         listeners: &Listeners,
@@ -178,14 +304,34 @@ impl Upgrader {
             .iter()
             .map(|(name, _, bound)| (name.as_str(), *bound))
             .collect();
+        let vars = inheritance_vars(&listed);
         let env = child_env(std::env::vars_os(), &listed);
         let count = passed.len();
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
-        log!(info, exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
-        let spawned = sys::spawn::spawn(&self.exe, &self.args, self.child_dir(), &env, &borrowed);
+        let woken = self.take_standby().and_then(|standby| {
+            let pid = standby.child.id();
+            match standby::wake(standby.socket.as_fd(), &vars, &borrowed) {
+                Ok(()) => {
+                    log!(info, pid, listeners = count, "upgrade: handing the listeners to the standby");
+                    Some(standby.child)
+                }
+                Err(e) => {
+                    log!(warn, pid, error = %e, "the standby could not be reached; starting the next generation afresh");
+                    let _ = standby.child.kill();
+                    None
+                }
+            }
+        });
+        let spawned = match woken {
+            Some(child) => Ok(child),
+            None => {
+                log!(info, exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
+                sys::spawn::spawn(&self.exe, &self.args, self.child_dir(), &env, &borrowed)
+            }
+        };
         // Closes this process's copies of the passed fds, above all the
         // pipe's write end: the child's exit must read as end of file.
         drop(borrowed);
@@ -200,7 +346,10 @@ impl Upgrader {
             .wait_ready(&mut child, pid, OwnedFd::from(reader), cancel)
             .await;
         match &result {
-            Ok(()) => log!(info, pid, "upgrade: the next generation is ready"),
+            Ok(()) => {
+                self.retired.store(true, Ordering::SeqCst);
+                log!(info, pid, "upgrade: the next generation is ready");
+            }
             Err(e) => {
                 // Kill (if still running) and reap, whatever went wrong.
                 let _ = child.kill();
@@ -375,36 +524,66 @@ fn program(
         .find(|candidate| is_running(candidate))
 }
 
-/// The next generation's environment: this one's, without the inheritance
-/// variables it may have been given, plus the variables that describe
-/// `passed` (each listener's name, and whether a generation bound it), in
-/// fd order from 3, and the readiness pipe's fd just after them.
-fn child_env(
-    ours: impl Iterator<Item = (OsString, OsString)>,
-    passed: &[(&str, bool)],
-) -> Vec<(OsString, OsString)> {
-    let inheritance = [
-        LISTEN_PID,
-        LISTEN_FDS,
-        LISTEN_FDNAMES,
-        HANDOVER_READY_FD,
-        HANDOVER_BOUND_FDNAMES,
-    ];
-    let mut env: Vec<(OsString, OsString)> = ours
-        .filter(|(key, _)| !inheritance.iter().any(|var| key == var))
-        .collect();
+/// The variables that tell the next generation about the listeners
+/// `passed` (each one's name, and whether a generation bound it), in fd
+/// order from 3; a standby receives them in its message instead.
+fn inheritance_vars(passed: &[(&str, bool)]) -> Vec<(&'static str, String)> {
     let names: Vec<&str> = passed.iter().map(|(name, _)| *name).collect();
     let bound: Vec<&str> = passed
         .iter()
         .filter(|(_, bound)| *bound)
         .map(|(name, _)| *name)
         .collect();
-    env.push((LISTEN_FDS.into(), passed.len().to_string().into()));
-    env.push((LISTEN_FDNAMES.into(), names.join(":").into()));
-    env.push((HANDOVER_BOUND_FDNAMES.into(), bound.join(":").into()));
+    vec![
+        (LISTEN_FDS, passed.len().to_string()),
+        (LISTEN_FDNAMES, names.join(":")),
+        (HANDOVER_BOUND_FDNAMES, bound.join(":")),
+    ]
+}
+
+/// This process's environment without the inheritance variables it may
+/// have been given.
+fn own_env(ours: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    let inheritance = [
+        LISTEN_PID,
+        LISTEN_FDS,
+        LISTEN_FDNAMES,
+        HANDOVER_READY_FD,
+        HANDOVER_BOUND_FDNAMES,
+        HANDOVER_STANDBY_FD,
+    ];
+    ours.filter(|(key, _)| !inheritance.iter().any(|var| key == var))
+        .collect()
+}
+
+/// The next generation's environment: this one's, without the inheritance
+/// variables it may have been given, plus the variables that describe
+/// `passed` ([`inheritance_vars`]), and the readiness pipe's fd just after
+/// the listeners'.
+fn child_env(
+    ours: impl Iterator<Item = (OsString, OsString)>,
+    passed: &[(&str, bool)],
+) -> Vec<(OsString, OsString)> {
+    let mut env = own_env(ours);
+    env.extend(
+        inheritance_vars(passed)
+            .into_iter()
+            .map(|(key, value)| (key.into(), value.into())),
+    );
     env.push((
         HANDOVER_READY_FD.into(),
         (LISTEN_FDS_START + passed.len() as i32).to_string().into(),
+    ));
+    env
+}
+
+/// A standby's environment: this one's, without the inheritance variables,
+/// plus its socket's fd, 3.
+fn standby_env(ours: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    let mut env = own_env(ours);
+    env.push((
+        HANDOVER_STANDBY_FD.into(),
+        LISTEN_FDS_START.to_string().into(),
     ));
     env
 }
@@ -576,7 +755,7 @@ mod tests {
         let upgrader = |cwd: PathBuf, start_dir: &Path| Upgrader {
             cwd,
             start_dir: FileId::of(start_dir),
-            ..Upgrader::from_current_process(Duration::from_secs(1)).expect("upgrader")
+            ..Upgrader::from_current_process(Duration::from_secs(1), false).expect("upgrader")
         };
         // Where this process is: inherited, no chdir needed.
         assert_eq!(upgrader(here.clone(), &here).child_dir(), None);

@@ -170,13 +170,17 @@ struct Kept {
 
 impl Kept {
     async fn start(tag: &str, init: &[&str]) -> Kept {
-        let server = Server::launch(
-            Deploy::new(tag),
-            Launch::Container(init),
-            &["--stable-parent", "on"],
-            &[],
-        )
-        .await;
+        Self::start_with(tag, init, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with more arguments for the server.
+    async fn start_with(tag: &str, init: &[&str], args: &[&str]) -> Kept {
+        let args: Vec<&str> = ["--stable-parent", "on"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        let server = Server::launch(Deploy::new(tag), Launch::Container(init), &args, &[]).await;
         let unshare = server.first.id().unwrap();
         let [ns_init] = children_of(unshare)[..] else {
             panic!("unshare has one child, the namespace's PID 1");
@@ -300,6 +304,55 @@ async fn with_a_stable_parent_under_dumb_init_restarts_lose_nothing() {
     timeout(BOUND, restarts_under("kept-dumb-init", &["dumb-init"]))
         .await
         .unwrap();
+}
+
+/// A standby works under a stable parent: each restart goes to the current
+/// generation's standby, the stable parent learns it from its `READY=1`
+/// and reaps the old generation, and `SIGTERM` to PID 1 leaves nothing.
+#[tokio::test]
+async fn with_a_stable_parent_under_tini_restarts_go_to_the_standby() {
+    timeout(BOUND, async {
+        let mut kept =
+            Kept::start_with("kept-standby", &["tini", "--"], &["--standby", "on"]).await;
+        let load = Load::start(kept.server.addr, 4, "/");
+        for _ in 0..3 {
+            let generation = kept.generation();
+            let mut standby = None;
+            wait_until("the generation's standby", Duration::from_secs(20), || {
+                standby = match children_of(generation)[..] {
+                    [one] => Some(one),
+                    _ => None,
+                };
+                standby.is_some()
+            })
+            .await;
+            let new = kept.restart().await;
+            assert_eq!(Some(new), standby, "the restart went to the standby");
+            load.wait_pid(namespace_pid(new)).await;
+            wait_until(
+                "the stable parent reaps the old generation",
+                Duration::from_secs(20),
+                || zombies_of(kept.keeper).is_empty(),
+            )
+            .await;
+        }
+        load.stop_all_answered().await;
+        send_signal(kept.ns_init, "TERM");
+        let status = timeout(Duration::from_secs(20), kept.server.first.wait())
+            .await
+            .expect("the container ends after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "the container exited with {status}");
+        assert!(processes_from(&kept.server.deploy.dir).is_empty());
+        let logs = kept.server.log_text();
+        assert_eq!(
+            logs.matches("handing the listeners to the standby").count(),
+            3,
+            "{logs}"
+        );
+    })
+    .await
+    .unwrap();
 }
 
 /// A generation that dies (a crash, the OOM killer) ends the container with

@@ -87,6 +87,21 @@ async fn malformed_environments_are_clear_errors_not_panics() {
             ],
             "HANDOVER_BOUND_FDNAMES=\"admin\": \"admin\" is not among the inherited listeners' names",
         ),
+        (
+            "",
+            &[("HANDOVER_STANDBY_FD", "abc")],
+            "HANDOVER_STANDBY_FD=\"abc\": not an fd number",
+        ),
+        (
+            "3</etc/hostname",
+            &[("HANDOVER_STANDBY_FD", "3")],
+            "HANDOVER_STANDBY_FD=\"3\": it is not a socket",
+        ),
+        (
+            "3<&-",
+            &[("HANDOVER_STANDBY_FD", "3")],
+            "HANDOVER_STANDBY_FD=\"3\": it is not open",
+        ),
     ];
     for (redirects, env, expected) in cases {
         let (ok, text) = run_hello(redirects, env).await;

@@ -73,6 +73,11 @@ impl Child {
         }
     }
 
+    /// How it exited, if it has been reaped.
+    pub(crate) fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exited.borrow()
+    }
+
     /// Sends `SIGKILL`, unless the child has been reaped already.
     pub(crate) fn kill(&self) -> io::Result<()> {
         kill_unreaped(self.pid, &self.reaped)

@@ -1,0 +1,242 @@
+//! The standby: the next generation, started ahead of the upgrade and
+//! waiting in `from_env` until the upgrade hands it the listeners.
+//!
+//! Starting a process is most of an upgrade's time: `exec`, the dynamic
+//! loader, page faults, the runtime's threads (2 ms of CPU on the
+//! development machine, more under load, where the scheduler slices it).
+//! With [`Builder::standby`](crate::Builder::standby) a generation starts
+//! its successor a little after it is ready, with a Unix socket at
+//! `HANDOVER_STANDBY_FD` and no listeners. The successor runs its `main` up
+//! to [`Listeners::from_env`](crate::Listeners::from_env) and blocks there,
+//! reading the socket. At the upgrade, the generation sends it, in one
+//! message, what a freshly started successor would have found in its
+//! environment and at fds 3, 4, …: the listeners' names, which of them a
+//! generation bound, the listeners and the readiness pipe. From there on
+//! it is an upgrade like any other: the standby takes the listeners, says
+//! it is ready on the pipe, or is killed and reaped if it does not.
+//!
+//! A standby is used only if it runs the binary that an upgrade would start
+//! now, in the directory it would start in: a deploy that replaced the
+//! binary, or pointed a symlink on its path or working directory at a new
+//! release, gets a fresh start instead, and the stale standby is killed.
+//! One that exited on its own is replaced by a fresh start too. End of file
+//! on the socket (its generation exited, or discarded it) makes a standby
+//! exit quietly, with status 0.
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::listener::{
+    EnvSpec, HANDOVER_BOUND_FDNAMES, HANDOVER_STANDBY_FD, LISTEN_FDNAMES, LISTEN_FDS, parse_bound,
+    parse_env,
+};
+use crate::sys;
+
+/// How long after a generation is ready it starts its standby: after the
+/// clients' reconnections to it, so that the standby's start-up does not
+/// compete with them for the cores.
+pub(crate) const STANDBY_DELAY: Duration = Duration::from_millis(100);
+
+/// What the message starts with: its format's name and version.
+const MAGIC: &[u8] = b"HANDOVER-STANDBY/1\n";
+/// The longest message: the names of `MAX_PASSED_FDS` listeners of 255
+/// bytes, twice, with room to spare.
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The message that wakes a standby: `MAGIC`, then `KEY=VALUE` lines for
+/// the inheritance variables a fresh successor would get (`LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, `HANDOVER_BOUND_FDNAMES`), after a 4-byte big-endian
+/// length of all that. The listeners and the readiness pipe go with it as
+/// fds, in that order.
+pub(crate) fn message(vars: &[(&str, String)]) -> Vec<u8> {
+    let mut body = MAGIC.to_vec();
+    for (key, value) in vars {
+        body.extend_from_slice(key.as_bytes());
+        body.push(b'=');
+        body.extend_from_slice(value.as_bytes());
+        body.push(b'\n');
+    }
+    let mut message = (body.len() as u32).to_be_bytes().to_vec();
+    message.extend(body);
+    message
+}
+
+/// Sends the message and the fds to the standby at the other end of
+/// `socket`.
+pub(crate) fn wake(
+    socket: BorrowedFd<'_>,
+    vars: &[(&str, String)],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    sys::fdpass::send_with_fds(socket, &message(vars), fds)
+}
+
+/// In a standby (`HANDOVER_STANDBY_FD` is `value`): waits until the
+/// upgrade hands over, and returns what a fresh successor would have read
+/// from its environment, with the fds received. Exits the process, with
+/// status 0, if the socket reaches end of file first: no upgrade will come.
+pub(crate) fn wait_for_upgrade(value: &str) -> Result<(EnvSpec, Vec<String>), Error> {
+    let env_error = |reason: String| Error::Env {
+        var: HANDOVER_STANDBY_FD,
+        value: value.to_owned(),
+        reason,
+    };
+    let fd: i32 = value
+        .trim()
+        .parse()
+        .map_err(|_| env_error("not an fd number".into()))?;
+    let socket = sys::adopt(fd).map_err(|e| env_error(e.to_string()))?;
+    match sys::is_socket(socket.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => return Err(env_error("it is not a socket".into())),
+        Err(e) => return Err(env_error(format!("it could not be inspected: {e}"))),
+    }
+    let _ = sys::set_cloexec(socket.as_fd());
+    let (bytes, fds) = match receive(socket) {
+        Ok(Some(received)) => received,
+        Ok(None) => std::process::exit(0),
+        Err(e) => return Err(Error::io("receiving the listeners as a standby", e)),
+    };
+    let (spec, bound) = parse_message(&bytes, fds.len()).map_err(|reason| {
+        Error::io(
+            "receiving the listeners as a standby",
+            io::Error::new(io::ErrorKind::InvalidData, reason),
+        )
+    })?;
+    Ok(place(spec, bound, fds))
+}
+
+/// Reads one whole message and its fds; `None` at end of file before any
+/// of it.
+fn receive(socket: OwnedFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MESSAGE + 4];
+    let (mut read, fds) = sys::fdpass::recv_with_fds(socket.as_fd(), &mut buf)?;
+    if read == 0 {
+        return Ok(None);
+    }
+    let mut socket = std::fs::File::from(socket);
+    while read < 4 {
+        let n = socket.read(&mut buf[read..])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        read += n;
+    }
+    let length = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if length > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a message of {length} bytes"),
+        ));
+    }
+    if read > 4 + length {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "more than one message",
+        ));
+    }
+    socket.read_exact(&mut buf[read..4 + length])?;
+    buf.truncate(4 + length);
+    buf.drain(..4);
+    Ok(Some((buf, fds)))
+}
+
+/// Parses a message's body (after its length) that came with `fd_count`
+/// fds into what `Listeners::adopt` takes, the fds still at 3, 4, …
+fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>), String> {
+    let text = body
+        .strip_prefix(MAGIC)
+        .ok_or("not a hand-over message (another version of handover?)")?;
+    let text = std::str::from_utf8(text).map_err(|_| "not UTF-8")?;
+    let mut fds = None;
+    let mut names = None;
+    let mut bound = None;
+    for line in text.lines() {
+        let (key, value) = line.split_once('=').ok_or("a line without '='")?;
+        let slot = match key {
+            LISTEN_FDS => &mut fds,
+            LISTEN_FDNAMES => &mut names,
+            HANDOVER_BOUND_FDNAMES => &mut bound,
+            _ => return Err(format!("unknown key {key:?}")),
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("{key} twice"));
+        }
+    }
+    let spec = parse_env(
+        Some(fds.ok_or("no LISTEN_FDS")?),
+        names,
+        None,
+        None,
+        std::process::id(),
+    )
+    .map_err(|e| e.to_string())?;
+    // The listeners, then the readiness pipe.
+    if fd_count != spec.fds.len() + 1 {
+        return Err(format!(
+            "{fd_count} fds came with a message for {} listeners and the readiness pipe",
+            spec.fds.len()
+        ));
+    }
+    let bound = parse_bound(bound, &spec).map_err(|e| e.to_string())?;
+    Ok((spec, bound))
+}
+
+/// Puts the fds received in place of the numbers `spec` has (3, 4, …),
+/// giving up their ownership to `Listeners::adopt`, which takes it back.
+fn place(mut spec: EnvSpec, bound: Vec<String>, fds: Vec<OwnedFd>) -> (EnvSpec, Vec<String>) {
+    let mut fds = fds.into_iter().map(IntoRawFd::into_raw_fd);
+    for (fd, _) in &mut spec.fds {
+        *fd = fds.next().expect("counted in parse_message");
+    }
+    spec.ready_fd = fds.next();
+    (spec, bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(vars: &[(&str, &str)]) -> Vec<u8> {
+        let vars: Vec<(&str, String)> = vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        message(&vars)[4..].to_vec()
+    }
+
+    #[test]
+    fn a_message_says_what_a_fresh_successor_would_read() {
+        let message = body(&[
+            (LISTEN_FDS, "2"),
+            (LISTEN_FDNAMES, "http:admin"),
+            (HANDOVER_BOUND_FDNAMES, "admin"),
+        ]);
+        let (spec, bound) = parse_message(&message, 3).unwrap();
+        assert_eq!(
+            spec.fds,
+            vec![(3, "http".to_owned()), (4, "admin".to_owned())]
+        );
+        assert_eq!(bound, vec!["admin".to_owned()]);
+        let (spec, _) = parse_message(&body(&[(LISTEN_FDS, "0")]), 1).unwrap();
+        assert!(spec.fds.is_empty());
+    }
+
+    #[test]
+    fn a_message_that_cannot_be_right_is_refused() {
+        let good = [(LISTEN_FDS, "1"), (LISTEN_FDNAMES, "http")];
+        // The listener and the pipe: two fds, not one or three.
+        assert!(parse_message(&body(&good), 1).is_err());
+        assert!(parse_message(&body(&good), 3).is_err());
+        assert!(parse_message(&body(&good)[1..], 2).is_err());
+        for bad in [
+            vec![(LISTEN_FDNAMES, "http")],
+            vec![(LISTEN_FDS, "1"), (LISTEN_FDNAMES, "a:b")],
+            vec![(LISTEN_FDS, "x")],
+            vec![(LISTEN_FDS, "1"), (LISTEN_FDS, "1")],
+            vec![(LISTEN_FDS, "1"), ("LISTEN_PID", "1")],
+            vec![(LISTEN_FDS, "1"), (HANDOVER_BOUND_FDNAMES, "other")],
+        ] {
+            assert!(parse_message(&body(&bad), 2).is_err(), "{bad:?}");
+        }
+    }
+}

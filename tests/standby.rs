@@ -1,0 +1,236 @@
+//! `Builder::standby` with real processes (`hello --standby on`): upgrades
+//! hand the listeners to the waiting standby under load; a standby that is
+//! stale, dead or not ready in time never costs a request; no standby
+//! outlives its generation.
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use support::{Deploy, Load, Server, children_of, is_alive, send_signal, wait_exit, wait_until};
+use tokio::time::timeout;
+
+const BOUND: Duration = Duration::from_secs(120);
+
+/// `hello`'s usual test settings, with a standby.
+const ARGS: &[&str] = &[
+    "--ready-timeout",
+    "2",
+    "--drain-timeout",
+    "10",
+    "--standby",
+    "on",
+];
+
+/// The pid of the `n`th standby started (from 1), once it is.
+async fn standby(server: &Server, n: usize) -> u32 {
+    server.wait_log("standby started pid=", n).await;
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .filter(|line| line.contains("standby started pid="))
+        .nth(n - 1)
+        .unwrap();
+    line.split("pid=").nth(1).unwrap().trim().parse().unwrap()
+}
+
+fn count(server: &Server, text: &str) -> usize {
+    server.log_text().matches(text).count()
+}
+
+/// The device and inode of what `path` names.
+fn identity(path: impl AsRef<std::path::Path>) -> (u64, u64) {
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.dev(), meta.ino())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_hand_the_listeners_to_the_waiting_standby_under_load() {
+    timeout(BOUND, async {
+        const RESTARTS: usize = 3;
+        let server = Server::start_with(Deploy::new("standby-load"), ARGS, &[]).await;
+        let load = Load::start(server.addr, 4, "/");
+        let load_h2 = Load::start_with(server.addr, 2, "/", true);
+        load.wait_answers(100).await;
+        load_h2.wait_answers(100).await;
+
+        for n in 1..=RESTARTS {
+            let current = server.current_pid();
+            let waiting = standby(&server, n).await;
+            assert_eq!(
+                children_of(current),
+                vec![waiting],
+                "the standby waits under its generation"
+            );
+            // Waiting means taking no connections: everything so far was
+            // answered by the generations.
+            assert!(!load.pids.lock().unwrap().contains(&waiting));
+            let new = server.restart().await;
+            assert_eq!(new, waiting, "restart {n} went to the standby");
+            load.wait_pid(new).await;
+            load_h2.wait_pid(new).await;
+        }
+        assert_eq!(
+            count(&server, "handing the listeners to the standby"),
+            RESTARTS
+        );
+        assert_eq!(count(&server, "upgrade: starting the next generation"), 0);
+
+        // The last generation's standby: SIGTERM ends it too.
+        let last = standby(&server, RESTARTS + 1).await;
+        load.stop_all_answered().await;
+        load_h2.stop_all_answered().await;
+        let log = server.logs.clone();
+        // No process is left behind, the standby included.
+        server.stop().await;
+        assert!(!is_alive(last));
+        wait_until(
+            "the shutdown discarded the standby",
+            Duration::from_secs(10),
+            || {
+                log.lock()
+                    .unwrap()
+                    .contains(&format!("standby discarded pid={last}"))
+            },
+        )
+        .await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_replaced_binary_is_started_afresh_and_its_stale_standby_killed() {
+    timeout(BOUND, async {
+        let server = Server::start_with(Deploy::new("standby-binary"), ARGS, &[]).await;
+        let stale = standby(&server, 1).await;
+        // A deploy: a new file renamed over the binary's path.
+        server.deploy.install_good();
+        let load = Load::start(server.addr, 2, "/");
+        load.wait_answers(50).await;
+
+        let new = server.restart().await;
+        assert_ne!(new, stale);
+        assert_eq!(
+            identity(format!("/proc/{new}/exe")),
+            identity(&server.deploy.bin),
+            "the new generation runs the new binary"
+        );
+        wait_exit("the stale standby", stale).await;
+        assert_eq!(
+            count(&server, "the binary has changed"),
+            1,
+            "{}",
+            server.log_text()
+        );
+        load.wait_pid(new).await;
+        load.stop_all_answered().await;
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_release_in_another_directory_is_started_there_not_in_the_standby() {
+    timeout(BOUND, async {
+        let deploy = Deploy::releases("standby-release");
+        // v2 is the same file as v1 (a hard link): only the directory
+        // tells the standby, started in v1, from a fresh start in v2.
+        deploy.add_release("v2");
+        let v2 = deploy.dir.join("releases/v2");
+        std::fs::remove_file(v2.join("hello")).unwrap();
+        std::fs::hard_link(deploy.dir.join("releases/v1/hello"), v2.join("hello")).unwrap();
+        let server = Server::start_with(deploy, ARGS, &[]).await;
+        let stale = standby(&server, 1).await;
+        server.deploy.point_current_at("v2");
+
+        let new = server.restart().await;
+        assert_ne!(new, stale);
+        assert_eq!(identity(format!("/proc/{new}/cwd")), identity(&v2));
+        wait_exit("the stale standby", stale).await;
+        assert_eq!(
+            count(&server, "the working directory has changed"),
+            1,
+            "{}",
+            server.log_text()
+        );
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_standby_that_died_is_replaced_by_a_fresh_start() {
+    timeout(BOUND, async {
+        let server = Server::start_with(Deploy::new("standby-died"), ARGS, &[]).await;
+        let dead = standby(&server, 1).await;
+        send_signal(dead, "KILL");
+        wait_exit("the killed standby", dead).await;
+
+        let new = server.restart().await;
+        assert_ne!(new, dead);
+        assert_eq!(count(&server, "the standby exited before the upgrade"), 1);
+        // The new generation keeps a standby of its own.
+        let next = standby(&server, 2).await;
+        assert_eq!(children_of(new), vec![next]);
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_standby_not_ready_in_time_is_killed_and_the_generation_serves_on() {
+    timeout(BOUND, async {
+        // Every generation takes 1.5 s to be ready, and an upgrade allows
+        // one 1 s: the standby, once woken, misses it.
+        let args = [
+            "--ready-timeout",
+            "1",
+            "--warmup-ms",
+            "1500",
+            "--standby",
+            "on",
+        ];
+        let server = Server::start_with(Deploy::new("standby-slow"), &args, &[]).await;
+        let old = server.current_pid();
+        let slow = standby(&server, 1).await;
+        let load = Load::start(server.addr, 2, "/");
+        load.wait_answers(50).await;
+
+        send_signal(old, "HUP");
+        server.wait_log("was not ready within 1s", 1).await;
+        wait_exit("the standby that was not ready", slow).await;
+        // Still serving, and ready for the next upgrade with a new standby.
+        let next = standby(&server, 2).await;
+        assert_ne!(next, slow);
+        assert_eq!(server.current_pid(), old);
+        load.wait_answers(50).await;
+        let (_, failed, pids) = load.stop().await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(pids.into_iter().collect::<Vec<_>>(), vec![old]);
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_standby_exits_by_itself_when_its_generation_is_killed() {
+    timeout(BOUND, async {
+        let server = Server::start_with(Deploy::new("standby-orphan"), ARGS, &[]).await;
+        let generation = server.current_pid();
+        let waiting = standby(&server, 1).await;
+        send_signal(generation, "KILL");
+        wait_exit("the killed generation", generation).await;
+        // End of file on its socket: it exits, as no upgrade will come.
+        wait_exit("the orphaned standby", waiting).await;
+    })
+    .await
+    .unwrap();
+}
