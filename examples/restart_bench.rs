@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example restart_bench -- [--seconds 10] [--every-ms 500]
-//!     [--h1 16] [--h2 4] [--streams 8] [--no-nagle-phase] [--hello PATH] [--standby]
+//!     [--h1 16] [--h2 4] [--streams 8] [--rounds 5] [--no-nagle-phase] [--hello PATH]
+//!     [--standby]
 //! ```
 //!
 //! It starts `examples/hello` (built in release mode first; `--hello` runs
@@ -11,7 +12,12 @@
 //! drives it with a keep-alive load from its own client (`--h1` HTTP/1.1
 //! connections and `--h2` HTTP/2 connections carrying `--streams`
 //! concurrent streams each), and runs two phases of `--seconds` each in one
-//! run: steady (no restart), then a `SIGHUP` every `--every-ms`. For each
+//! run: steady (no restart), and a `SIGHUP` every `--every-ms`. The phases
+//! are interleaved, in `--rounds` windows of each (steady, restarts,
+//! steady, …) under one continuous load, so that the machine's drift
+//! weighs on both alike; each response counts in the window it arrived in.
+//! Within a restart window the first `SIGHUP` goes at its start and the
+//! last at least `--every-ms` before its end. For each
 //! it prints requests, requests/s, failed requests (any error or non-2xx),
 //! latency percentiles, and for the restart phase: restarts achieved, time
 //! from the signal to the new generation answering (and how long its first
@@ -43,7 +49,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -61,6 +67,7 @@ struct Options {
     nagle_phase: bool,
     hello: Option<PathBuf>,
     standby: bool,
+    rounds: usize,
 }
 
 fn parse() -> Result<Options, String> {
@@ -73,6 +80,7 @@ fn parse() -> Result<Options, String> {
         nagle_phase: true,
         hello: None,
         standby: false,
+        rounds: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -92,6 +100,7 @@ fn parse() -> Result<Options, String> {
             "--h1" => o.h1 = n(&v)? as usize,
             "--h2" => o.h2 = n(&v)? as usize,
             "--streams" => o.streams = n(&v)? as usize,
+            "--rounds" => o.rounds = n(&v)? as usize,
             "--hello" => o.hello = Some(PathBuf::from(v)),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -145,15 +154,22 @@ impl Record {
     }
 }
 
+/// Which window the load is in: each response counts in the window it
+/// arrived in (`STEADY` or `RESTARTS`).
+const STEADY: usize = 0;
+const RESTARTS: usize = 1;
+
 /// One client: a connection (or an HTTP/2 stream on a shared connection)
 /// sending requests back to back until `stop`, reconnecting when the server
-/// closes the connection gracefully.
+/// closes the connection gracefully. Returns what it saw in each window
+/// (see `STEADY`, `RESTARTS`), as `window` said when each answer came.
 async fn client(
     addr: std::net::SocketAddr,
     shared: Option<Arc<tokio::sync::Mutex<Option<Sender>>>>,
+    window: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-) -> Record {
-    let mut record = Record::default();
+) -> [Record; 2] {
+    let mut records = [Record::default(), Record::default()];
     let h2 = shared.is_some();
     let mut own: Option<Sender> = None;
     // Which generation this client last heard from: a failure says so.
@@ -168,6 +184,7 @@ async fn client(
         )
     };
     while !stop.load(Ordering::Relaxed) {
+        let record = &mut records[window.load(Ordering::Relaxed)];
         let connecting = Instant::now();
         // Our own HTTP/1 connection, or a stream of the shared HTTP/2 one.
         let mut sender = match client::next_sender(addr, &mut own, shared.as_deref(), h2).await {
@@ -206,7 +223,7 @@ async fn client(
             Outcome::Failed(e) => record.failed.push(failure(e, started, last_pid)),
         }
     }
-    record
+    records
 }
 
 /// `t`'s time of day in UTC, as `hello`'s log lines give it.
@@ -222,22 +239,48 @@ fn time_of_day(t: SystemTime) -> String {
     )
 }
 
-async fn load(
+/// Starts the load's clients; each counts what it sees in the window
+/// `window` says, until `stop`.
+fn load(
     addr: std::net::SocketAddr,
     o: &Options,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Record>> {
+    window: &Arc<AtomicUsize>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<[Record; 2]>> {
     let mut tasks = Vec::new();
+    let mut start = |shared| {
+        tasks.push(tokio::spawn(client(
+            addr,
+            shared,
+            window.clone(),
+            stop.clone(),
+        )))
+    };
     for _ in 0..o.h1 {
-        tasks.push(tokio::spawn(client(addr, None, stop.clone())));
+        start(None);
     }
     for _ in 0..o.h2 {
         let slot = Arc::new(tokio::sync::Mutex::new(None));
         for _ in 0..o.streams {
-            tasks.push(tokio::spawn(client(addr, Some(slot.clone()), stop.clone())));
+            start(Some(slot.clone()));
         }
     }
     tasks
+}
+
+/// Stops the load and merges what its clients saw, per window.
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<[Record; 2]>>,
+    stop: &AtomicBool,
+) -> Result<[Record; 2], Box<dyn std::error::Error>> {
+    stop.store(true, Ordering::Relaxed);
+    let mut merged = [Record::default(), Record::default()];
+    for t in tasks {
+        let [steady, restarts] = t.await?;
+        merged[STEADY].merge(steady);
+        merged[RESTARTS].merge(restarts);
+    }
+    Ok(merged)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -278,15 +321,11 @@ async fn steady_load(
     o: &Options,
 ) -> Result<(Record, Duration), Box<dyn std::error::Error>> {
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(addr, o, stop.clone()).await;
+    let tasks = load(addr, o, &Arc::new(AtomicUsize::new(STEADY)), &stop);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(o.seconds)).await;
-    stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
-    let mut record = Record::default();
-    for t in tasks {
-        record.merge(t.await?);
-    }
+    let [record, _] = collect(tasks, &stop).await?;
     Ok((record, elapsed))
 }
 
@@ -315,61 +354,82 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let read_pid = || server.pid();
     let phase = Duration::from_secs_f64(o.seconds);
     println!(
-        "hello at {addr}; {} HTTP/1.1 connections + {} HTTP/2 connections x {} streams; {:.0} s per phase",
-        o.h1, o.h2, o.streams, o.seconds
+        "hello at {addr}; {} HTTP/1.1 connections + {} HTTP/2 connections x {} streams; {:.0} s per phase, in {} windows each",
+        o.h1,
+        o.h2,
+        o.streams,
+        o.seconds,
+        o.rounds.max(1)
     );
 
-    // Phase 1: steady.
-    let (mut steady, elapsed) = steady_load(addr, &o).await?;
-    let steady_rps = summary("steady", &mut steady, elapsed);
-
-    // Phase 2: a SIGHUP every `every`, the last one at least `every` before
-    // the phase ends, so that every new generation serves.
+    // Phases 1 and 2, interleaved: `rounds` windows of each, one steady
+    // (no restart), one with a SIGHUP every `every`, from one continuous
+    // load, so that the machine's drift weighs on both alike.
+    let rounds = o.rounds.max(1);
+    let window_len = phase / rounds as u32;
+    let window = Arc::new(AtomicUsize::new(STEADY));
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(addr, &o, stop.clone()).await;
-    let started = Instant::now();
+    let tasks = load(addr, &o, &window, &stop);
+    let mut elapsed = [Duration::ZERO; 2];
     let exits: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
     // (old pid, new pid once the pid file names it, when the signal left)
     let mut signals: Vec<(u32, Option<u32>, Instant)> = Vec::new();
-    // The signal whose new generation is read just before the next signal
-    // (see the module's doc: nothing of ours runs during a hand-over).
-    let mut pending: Option<(u32, Instant)> = None;
-    let mut next = started + o.every;
-    while next + o.every <= started + phase {
+    for _ in 0..rounds {
+        window.store(STEADY, Ordering::Relaxed);
+        let started = Instant::now();
+        tokio::time::sleep(window_len).await;
+        elapsed[STEADY] += started.elapsed();
+
+        // A SIGHUP every `every` from the window's start, the last one at
+        // least `every` before its end, so that every new generation serves.
+        window.store(RESTARTS, Ordering::Relaxed);
+        let started = Instant::now();
+        // The signal whose new generation is read just before the next
+        // signal (see the module's doc: nothing of ours runs during a
+        // hand-over).
+        let mut pending: Option<(u32, Instant)> = None;
+        let mut next = started;
+        while next + o.every <= started + window_len {
+            if let Some((old, sent)) = pending.take() {
+                signals.push((old, new_generation(old, read_pid).await, sent));
+            }
+            let Some(old) = read_pid() else {
+                tokio::time::sleep_until(next.into()).await;
+                next += o.every;
+                continue;
+            };
+            let exit = watch_exit(old, Duration::from_secs(60));
+            tokio::time::sleep_until(next.into()).await;
+            next += o.every;
+            let sent = Instant::now();
+            if !kill(old, libc::SIGHUP)? {
+                continue;
+            }
+            let exits = exits.clone();
+            tokio::spawn(async move {
+                let exit = exit.exited().await;
+                exits.lock().expect("exits").insert(old, exit);
+            });
+            pending = Some((old, sent));
+        }
         if let Some((old, sent)) = pending.take() {
             signals.push((old, new_generation(old, read_pid).await, sent));
         }
-        let Some(old) = read_pid() else {
-            tokio::time::sleep_until(next.into()).await;
-            next += o.every;
-            continue;
-        };
-        let exit = watch_exit(old, Duration::from_secs(60));
-        tokio::time::sleep_until(next.into()).await;
-        next += o.every;
-        let sent = Instant::now();
-        if !kill(old, libc::SIGHUP)? {
-            continue;
-        }
-        let exits = exits.clone();
-        tokio::spawn(async move {
-            let exit = exit.exited().await;
-            exits.lock().expect("exits").insert(old, exit);
-        });
-        pending = Some((old, sent));
+        tokio::time::sleep_until((started + window_len).into()).await;
+        elapsed[RESTARTS] += started.elapsed();
     }
-    if let Some((old, sent)) = pending.take() {
-        signals.push((old, new_generation(old, read_pid).await, sent));
-    }
-    tokio::time::sleep_until((started + phase).into()).await;
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let mut restarts = Record::default();
-    for t in tasks {
-        restarts.merge(t.await?);
-    }
+    let [mut steady, mut restarts] = collect(tasks, &stop).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let restart_rps = summary("restarts", &mut restarts, elapsed);
+    let steady_rps = summary("steady", &mut steady, elapsed[STEADY]);
+    let restart_rps = summary("restarts", &mut restarts, elapsed[RESTARTS]);
+    // Who answered when, whichever window it was in.
+    let mut seen = Record::default();
+    seen.seen = steady.seen.clone();
+    seen.merge(Record {
+        seen: restarts.seen.clone(),
+        ..Record::default()
+    });
+    let seen = seen.seen;
 
     // Signal -> first answer from a new pid; old's last answer -> its exit.
     let mut to_new = Vec::new();
@@ -378,15 +438,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exits = exits.lock().expect("exits").clone();
     let mut never_answered = 0;
     for (old, new, sent) in &signals {
-        match new.and_then(|new| restarts.seen.get(&new)) {
+        match new.and_then(|new| seen.get(&new)) {
             Some(seen) => {
                 to_new.push(ms(seen.first.saturating_duration_since(*sent)));
                 first_latency.push(f64::from(seen.first_latency_us) / 1000.0);
             }
             None => never_answered += 1,
         }
-        if let (Some(exit), Some(seen)) = (exits.get(old), restarts.seen.get(old)) {
-            to_exit.push(ms(exit.saturating_duration_since(seen.last)));
+        if let (Some(exit), Some(last)) = (exits.get(old), seen.get(old)) {
+            to_exit.push(ms(exit.saturating_duration_since(last.last)));
         }
     }
     let stats = |v: &mut Vec<f64>| {

@@ -435,10 +435,12 @@ async fn run_bench(name: &str, args: &[&str]) -> String {
 /// The restart benchmark, run end to end on the debug build. Its timings
 /// mean nothing there, but its load, its counting and its report must not
 /// rot: no request fails (it exits with an error if one does), every new
-/// generation answers, and every figure is printed.
+/// generation answers, and every figure is printed. With a standby, in two
+/// rounds of windows, so that those paths run too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_bench_runs_under_restarts_and_reports_every_figure() {
-    let args: Vec<&str> = "--seconds 1.5 --every-ms 250 --no-nagle-phase --h1 4 --h2 1 --streams 4"
+    let args: Vec<&str> =
+        "--seconds 1.5 --rounds 2 --every-ms 250 --no-nagle-phase --h1 4 --h2 1 --streams 4 --standby"
         .split(' ')
         .collect();
     let report = run_bench("restart_bench", &args).await;
