@@ -164,16 +164,18 @@ impl Upgrader {
             log!(warn, pid, %status, "the standby exited before the upgrade; starting the next generation afresh");
             return None;
         } else if standby.exe.is_none() || FileId::of(&self.exe) != standby.exe {
-            "the binary has changed"
+            "the binary has changed".to_owned()
         } else if FileId::of(self.child_dir().unwrap_or(Path::new("."))) != standby.dir {
-            "the working directory has changed"
+            "the working directory has changed".to_owned()
+        } else if let Some(path) = replaced_mapping(pid) {
+            format!("a file it has mapped, {path}, has been replaced or deleted")
         } else {
             return Some(standby);
         };
         log!(
             info,
             pid,
-            reason = stale,
+            reason = %stale,
             "standby discarded; starting the next generation afresh"
         );
         let _ = standby.child.kill();
@@ -467,6 +469,34 @@ fn exits_with_its_child(pid: u32, name: &str) -> bool {
     INITS.contains(&name) || name.starts_with("tini-") || (pid == 1 && SHELLS.contains(&name))
 }
 
+/// A file that process `pid` has mapped (a shared library) and that has
+/// since been replaced or deleted, as `/proc/PID/maps` says: a package
+/// upgrade that renamed a new `libssl.so.3` over the old one, say. A fresh
+/// start would load the new file. `None` if there is none, or where there
+/// is no `/proc`.
+///
+/// Memory a process mapped from a `memfd` or SysV shared memory reads as
+/// deleted too, and is not a file on a path: it does not count.
+fn replaced_mapping(pid: u32) -> Option<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    replaced_in_maps(&maps)
+}
+
+/// The first replaced or deleted file in the text of a `/proc/PID/maps`.
+fn replaced_in_maps(maps: &str) -> Option<String> {
+    maps.lines().find_map(|line| {
+        // address perms offset dev inode path: the path is what follows the
+        // fifth field, and may contain spaces.
+        let mut rest = line;
+        for _ in 0..5 {
+            rest = rest.trim_start().split_once(' ')?.1;
+        }
+        let path = rest.trim_start().strip_suffix(" (deleted)")?;
+        (path.starts_with('/') && !path.starts_with("/memfd:") && !path.starts_with("/SYSV"))
+            .then(|| path.to_owned())
+    })
+}
+
 /// The identity of the binary this process runs, even if it has been
 /// deleted or replaced since.
 fn running_binary() -> Option<FileId> {
@@ -591,6 +621,32 @@ fn standby_env(ours: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsStrin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_library_is_found_in_the_maps_and_memfds_are_not() {
+        let maps = "\
+5581c5e00000-5581c5e2a000 r--p 00000000 08:01 1319                       /srv/app/server
+7f7a1c000000-7f7a1c021000 rw-p 00000000 00:00 0 
+7f7a1d200000-7f7a1d228000 r--p 00000000 08:01 2290                       /usr/lib/x86_64-linux-gnu/libc.so.6
+7f7a1d400000-7f7a1d401000 rw-s 00000000 00:01 1035                       /memfd:pool (deleted)
+7f7a1d402000-7f7a1d403000 rw-s 00000000 00:01 32770                      /SYSV00000000 (deleted)
+7ffd6a1e5000-7ffd6a206000 rw-p 00000000 00:00 0                          [stack]
+";
+        assert_eq!(replaced_in_maps(maps), None);
+        let upgraded = format!(
+            "{maps}7f7a1d600000-7f7a1d690000 r-xp 00000000 08:01 4471                       /usr/lib/x86_64-linux-gnu/libssl.so.3 (deleted)\n"
+        );
+        assert_eq!(
+            replaced_in_maps(&upgraded).as_deref(),
+            Some("/usr/lib/x86_64-linux-gnu/libssl.so.3")
+        );
+        let spaced =
+            "7f7a1d600000-7f7a1d690000 r-xp 00000000 08:01 4471   /opt/my app/lib.so (deleted)";
+        assert_eq!(
+            replaced_in_maps(spaced).as_deref(),
+            Some("/opt/my app/lib.so")
+        );
+    }
     use std::os::unix::fs::symlink;
 
     #[test]

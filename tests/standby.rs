@@ -164,6 +164,54 @@ async fn a_release_in_another_directory_is_started_there_not_in_the_standby() {
     .unwrap();
 }
 
+/// Where this process loaded `name` from (a shared library it links).
+fn loaded_library(name: &str) -> std::path::PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let path = maps
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with(&format!("/{name}")))
+        .unwrap_or_else(|| panic!("this test links {name}"));
+    path.into()
+}
+
+#[tokio::test]
+async fn a_replaced_shared_library_is_loaded_afresh_not_kept_from_the_standby() {
+    timeout(BOUND, async {
+        // hello loads libgcc_s from the deploy's own directory, as a server
+        // loads libssl from the system's; a package upgrade renames a new
+        // file over it.
+        const LIB: &str = "libgcc_s.so.1";
+        let deploy = Deploy::new("standby-library");
+        let libs = deploy.dir.join("lib");
+        std::fs::create_dir(&libs).unwrap();
+        let install = || {
+            std::fs::copy(loaded_library(LIB), libs.join("new.so")).unwrap();
+            std::fs::rename(libs.join("new.so"), libs.join(LIB)).unwrap();
+        };
+        install();
+        let library_path = libs.to_str().unwrap().to_owned();
+        let server =
+            Server::start_with(deploy, ARGS, &[("LD_LIBRARY_PATH", library_path.as_str())]).await;
+        let stale = standby(&server, 1).await;
+        let ours = libs.join(LIB).to_str().unwrap().to_owned();
+        let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(maps(stale).contains(&ours), "the standby loaded {ours}");
+        install();
+
+        let new = server.restart().await;
+        assert_ne!(new, stale);
+        assert!(maps(new).contains(&ours));
+        assert!(!maps(new).contains(" (deleted)"), "{}", maps(new));
+        wait_exit("the stale standby", stale).await;
+        let reason = format!("a file it has mapped, {ours}, has been replaced or deleted");
+        assert_eq!(count(&server, &reason), 1, "{}", server.log_text());
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_standby_that_died_is_replaced_by_a_fresh_start() {
     timeout(BOUND, async {
