@@ -256,7 +256,9 @@ impl Builder {
     /// [`from_env`](Builder::from_env) and waits there. An upgrade hands it
     /// the listeners instead of starting a process; from there on nothing
     /// differs: the standby must say it is ready within the ready timeout,
-    /// or it is killed and reaped and this generation goes on serving.
+    /// or it is killed and reaped and this generation goes on serving. One
+    /// that died or hung before it took the listeners is replaced by a
+    /// fresh start within the same upgrade.
     ///
     /// An upgrade starts the binary afresh instead when the standby would
     /// not be what a fresh start runs: the binary at this process's path

@@ -23,8 +23,9 @@
 //! on the socket (its generation exited, or discarded it) makes a standby
 //! exit quietly, with status 0.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -71,6 +72,19 @@ pub(crate) fn wake(
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
     sys::fdpass::send_with_fds(socket, &message(vars), fds)
+}
+
+/// What a standby writes back once it has received the listeners.
+const TAKEN: &[u8] = b"T";
+
+/// Whether the standby at the other end of `socket`, which has exited (or
+/// been killed), said it had received the listeners. If it did not, they
+/// died with it unused, and the upgrade can start the binary afresh.
+pub(crate) fn took_listeners(socket: UnixStream) -> bool {
+    let mut socket = socket;
+    let _ = socket.set_nonblocking(true);
+    let mut byte = [0u8; 1];
+    matches!(socket.read(&mut byte), Ok(1) if byte == TAKEN)
 }
 
 /// In a standby (`HANDOVER_STANDBY_FD` is `value`): waits until the
@@ -138,6 +152,10 @@ fn receive(socket: OwnedFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
         ));
     }
     socket.read_exact(&mut buf[read..4 + length])?;
+    // The fds are ours now: if this process dies from here on, the upgrade
+    // fails; before, it starts afresh. Whether the generation heard it or
+    // not, the upgrade goes on.
+    let _ = socket.write_all(TAKEN);
     buf.truncate(4 + length);
     buf.drain(..4);
     Ok(Some((buf, fds)))

@@ -291,14 +291,41 @@ impl Upgrader {
     }
 
     /// Starts the next generation (wakes the standby, or spawns it) and
-    /// waits until it is ready.
+    /// waits until it is ready. A standby that never took the listeners
+    /// (it died, or was stopped, before it read them) is replaced by a
+    /// fresh start within the same upgrade.
     async fn start_next(
         &self,
         listeners: &Listeners,
         cancel: &CancellationToken,
     ) -> Result<u32, Error> {
         self.check_binary()?;
+        if let Some(standby) = self.take_standby() {
+            match self.attempt(listeners, cancel, Some(standby)).await {
+                Err(Attempt::NotTaken) => {}
+                Err(Attempt::Failed(e)) => return Err(e),
+                Ok(pid) => return Ok(pid),
+            }
+        }
+        match self.attempt(listeners, cancel, None).await {
+            Ok(pid) => Ok(pid),
+            Err(Attempt::Failed(e)) => Err(e),
+            // Only a woken standby leaves the listeners untaken.
+            Err(Attempt::NotTaken) => Err(Error::io(
+                "starting the next generation",
+                std::io::Error::other("no process took the listeners"),
+            )),
+        }
+    }
 
+    /// One try at the next generation: `standby` woken, or else a fresh
+    /// start. On failure the child has been killed and reaped.
+    async fn attempt(
+        &self,
+        listeners: &Listeners,
+        cancel: &CancellationToken,
+        standby: Option<Standby>,
+    ) -> Result<u32, Attempt> {
         let passed = listeners.for_next_generation()?;
         let (reader, writer) =
             std::io::pipe().map_err(|e| Error::io("creating the readiness pipe", e))?;
@@ -306,39 +333,44 @@ impl Upgrader {
             .iter()
             .map(|(name, _, bound)| (name.as_str(), *bound))
             .collect();
-        let vars = inheritance_vars(&listed);
-        let env = child_env(std::env::vars_os(), &listed);
         let count = passed.len();
+        let vars = inheritance_vars(&listed);
+        let env = standby
+            .is_none()
+            .then(|| child_env(std::env::vars_os(), &listed));
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
-        let woken = self.take_standby().and_then(|standby| {
-            let pid = standby.child.id();
-            match standby::wake(standby.socket.as_fd(), &vars, &borrowed) {
-                Ok(()) => {
-                    log!(info, pid, listeners = count, "upgrade: handing the listeners to the standby");
-                    Some(standby.child)
-                }
-                Err(e) => {
+        let (started, socket) = match (standby, env) {
+            (Some(standby), _) => {
+                let pid = standby.child.id();
+                if let Err(e) = standby::wake(standby.socket.as_fd(), &vars, &borrowed) {
                     log!(warn, pid, error = %e, "the standby could not be reached; starting the next generation afresh");
                     let _ = standby.child.kill();
-                    None
+                    return Err(Attempt::NotTaken);
                 }
+                log!(
+                    info,
+                    pid,
+                    listeners = count,
+                    "upgrade: handing the listeners to the standby"
+                );
+                (Ok(standby.child), Some(standby.socket))
             }
-        });
-        let spawned = match woken {
-            Some(child) => Ok(child),
-            None => {
+            (None, env) => {
                 log!(info, exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
-                sys::spawn::spawn(&self.exe, &self.args, self.child_dir(), &env, &borrowed)
+                let env = env.unwrap_or_default();
+                let child =
+                    sys::spawn::spawn(&self.exe, &self.args, self.child_dir(), &env, &borrowed);
+                (child, None)
             }
         };
         // Closes this process's copies of the passed fds, above all the
         // pipe's write end: the child's exit must read as end of file.
         drop(borrowed);
         drop(fds);
-        let mut child = spawned.map_err(|e| Error::Binary {
+        let mut child = started.map_err(|e| Error::Binary {
             path: self.exe.clone(),
             reason: e.to_string(),
         })?;
@@ -347,10 +379,11 @@ impl Upgrader {
         let result = self
             .wait_ready(&mut child, pid, OwnedFd::from(reader), cancel)
             .await;
-        match &result {
+        match result {
             Ok(()) => {
                 self.retired.store(true, Ordering::SeqCst);
                 log!(info, pid, "upgrade: the next generation is ready");
+                Ok(pid)
             }
             Err(e) => {
                 // Kill (if still running) and reap, whatever went wrong.
@@ -358,12 +391,15 @@ impl Upgrader {
                 let status = child.wait().await;
                 if matches!(e, Error::Cancelled) {
                     log!(warn, pid, error = %e, ?status, "upgrade cancelled; the child was killed and reaped");
+                } else if socket.is_some_and(|socket| !standby::took_listeners(socket)) {
+                    log!(warn, pid, error = %e, ?status, "the standby did not take the listeners; starting the next generation afresh");
+                    return Err(Attempt::NotTaken);
                 } else {
                     log!(error, pid, error = %e, ?status, "upgrade failed; this generation keeps serving");
                 }
+                Err(Attempt::Failed(e))
             }
         }
-        result.map(|()| pid)
     }
 
     async fn wait_ready(
@@ -407,6 +443,20 @@ impl Upgrader {
             }),
             () = cancel.cancelled() => Err(Error::Cancelled),
         }
+    }
+}
+
+/// How one try at the next generation failed.
+enum Attempt {
+    /// The standby never took the listeners: try again afresh.
+    NotTaken,
+    /// The upgrade failed.
+    Failed(Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
     }
 }
 

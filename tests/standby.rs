@@ -232,6 +232,37 @@ async fn a_standby_that_died_is_replaced_by_a_fresh_start() {
     .unwrap();
 }
 
+/// A standby that never reads the listeners (stopped here; one that a
+/// signal to the whole process group killed at the same moment is alike)
+/// is killed at the ready timeout, and the same upgrade starts afresh.
+#[tokio::test]
+async fn a_standby_that_never_takes_the_listeners_is_replaced_within_the_upgrade() {
+    timeout(BOUND, async {
+        let args = ["--ready-timeout", "1", "--standby", "on"];
+        let server = Server::start_with(Deploy::new("standby-stopped"), &args, &[]).await;
+        let stopped = standby(&server, 1).await;
+        send_signal(stopped, "STOP");
+        let load = Load::start(server.addr, 2, "/");
+        load.wait_answers(50).await;
+
+        let new = server.restart().await;
+        assert_ne!(new, stopped);
+        wait_exit("the stopped standby", stopped).await;
+        assert_eq!(
+            count(&server, "the standby did not take the listeners"),
+            1,
+            "{}",
+            server.log_text()
+        );
+        assert_eq!(count(&server, "upgrade failed"), 0);
+        load.wait_pid(new).await;
+        load.stop_all_answered().await;
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_standby_not_ready_in_time_is_killed_and_the_generation_serves_on() {
     timeout(BOUND, async {
@@ -258,6 +289,13 @@ async fn a_standby_not_ready_in_time_is_killed_and_the_generation_serves_on() {
         let next = standby(&server, 2).await;
         assert_ne!(next, slow);
         assert_eq!(server.current_pid(), old);
+        // It had taken the listeners: the failure was its own, and was not
+        // tried again afresh.
+        assert_eq!(
+            count(&server, "upgrade failed; this generation keeps serving"),
+            1
+        );
+        assert_eq!(count(&server, "the standby did not take the listeners"), 0);
         load.wait_answers(50).await;
         let (_, failed, pids) = load.stop().await;
         assert!(failed.is_empty(), "{failed:?}");
