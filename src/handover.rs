@@ -61,9 +61,9 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `$PWD`'s path when that names it, so a symlinked directory is followed
 /// again), and the listeners at fds 3, 4, … (or hands the listeners to a
 /// standby started so ahead of time: see [`Builder::standby`]). Once it
-/// says it is ready, this process stops accepting, drains and `serve` returns
-/// [`Exit::HandedOver`]. If it exits, crashes or
-/// is not ready within the ready timeout, it is killed and reaped and this
+/// says it is ready, this process stops accepting, drains and `serve`
+/// returns [`Exit::HandedOver`]. If it exits, crashes or is not ready
+/// within the ready timeout, it is killed and reaped and this
 /// process goes on serving as if nothing happened. `SIGTERM`, `SIGINT` and
 /// `SIGQUIT` drain and return [`Exit::Shutdown`], killing a pending child
 /// first.
@@ -265,8 +265,8 @@ impl Builder {
     /// has been replaced, or the working directory it starts in has
     /// changed (a deploy that points a symlink at a new release), or (on
     /// Linux) a shared library it loaded has been replaced since (a package
-    /// upgrade of `libssl`), or the standby has exited. A shutdown kills the standby; if this process
-    /// dies, the standby exits by itself.
+    /// upgrade of `libssl`), or the standby has exited. A shutdown kills
+    /// the standby; if this process dies, the standby exits by itself.
     ///
     /// What runs before `from_env` runs in the standby ahead of time, and
     /// again whenever a standby is started, used or not: read configuration

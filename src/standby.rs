@@ -80,8 +80,7 @@ const TAKEN: &[u8] = b"T";
 /// Whether the standby at the other end of `socket`, which has exited (or
 /// been killed), said it had received the listeners. If it did not, they
 /// died with it unused, and the upgrade can start the binary afresh.
-pub(crate) fn took_listeners(socket: UnixStream) -> bool {
-    let mut socket = socket;
+pub(crate) fn took_listeners(mut socket: UnixStream) -> bool {
     let _ = socket.set_nonblocking(true);
     let mut byte = [0u8; 1];
     matches!(socket.read(&mut byte), Ok(1) if byte == TAKEN)
@@ -108,6 +107,8 @@ pub(crate) fn wait_for_upgrade(value: &str) -> Result<(EnvSpec, Vec<String>), Er
         Err(e) => return Err(env_error(format!("it could not be inspected: {e}"))),
     }
     let _ = sys::set_cloexec(socket.as_fd());
+    // The socket stays open until everything has arrived, so no fd received
+    // gets its number, which `sys::adopt` has seen already.
     let (bytes, fds) = match receive(socket) {
         Ok(Some(received)) => received,
         Ok(None) => std::process::exit(0),

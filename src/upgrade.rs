@@ -335,15 +335,17 @@ impl Upgrader {
             .collect();
         let count = passed.len();
         let vars = inheritance_vars(&listed);
-        let env = standby
-            .is_none()
-            .then(|| child_env(std::env::vars_os(), &listed));
+        // A standby has its environment already.
+        let env = match standby {
+            None => child_env(std::env::vars_os(), &listed),
+            Some(_) => Vec::new(),
+        };
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
-        let (started, socket) = match (standby, env) {
-            (Some(standby), _) => {
+        let (started, socket) = match standby {
+            Some(standby) => {
                 let pid = standby.child.id();
                 if let Err(e) = standby::wake(standby.socket.as_fd(), &vars, &borrowed) {
                     log!(warn, pid, error = %e, "the standby could not be reached; starting the next generation afresh");
@@ -358,9 +360,8 @@ impl Upgrader {
                 );
                 (Ok(standby.child), Some(standby.socket))
             }
-            (None, env) => {
+            None => {
                 log!(info, exe = %self.exe.display(), listeners = count, "upgrade: starting the next generation");
-                let env = env.unwrap_or_default();
                 let child =
                     sys::spawn::spawn(&self.exe, &self.args, self.child_dir(), &env, &borrowed);
                 (child, None)
@@ -671,6 +672,7 @@ fn standby_env(ours: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsStrin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::symlink;
 
     #[test]
     fn a_replaced_library_is_found_in_the_maps_and_memfds_are_not() {
@@ -697,7 +699,6 @@ mod tests {
             Some("/opt/my app/lib.so")
         );
     }
-    use std::os::unix::fs::symlink;
 
     #[test]
     fn inits_that_exit_with_their_child_are_told_from_supervisors_that_stay() {
