@@ -232,6 +232,28 @@ impl Kept {
         .await;
         new.unwrap()
     }
+
+    /// Waits until the stable parent has reaped every old generation.
+    async fn wait_reaped(&self) {
+        wait_until(
+            "the stable parent reaps the old generation",
+            Duration::from_secs(20),
+            || zombies_of(self.keeper).is_empty(),
+        )
+        .await;
+    }
+
+    /// `SIGTERM` to the namespace's PID 1, as `docker stop` sends: the
+    /// container must end with status 0 and leave no process.
+    async fn stop(&mut self) {
+        send_signal(self.ns_init, "TERM");
+        let status = timeout(Duration::from_secs(20), self.server.first.wait())
+            .await
+            .expect("the container ends after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "the container exited with {status}");
+        assert!(processes_from(&self.server.deploy.dir).is_empty());
+    }
 }
 
 /// With `stable_parent`, an upgrade in a container works: restarts under
@@ -250,12 +272,7 @@ async fn restarts_under(tag: &str, init: &[&str]) {
         let mut expected = vec![kept.keeper, new];
         expected.sort_unstable();
         assert_eq!(running, expected, "the stable parent and one generation");
-        wait_until(
-            "the stable parent reaps the old generation",
-            Duration::from_secs(20),
-            || zombies_of(kept.keeper).is_empty(),
-        )
-        .await;
+        kept.wait_reaped().await;
     }
     let (ok, failed, pids) = load.stop().await;
     assert!(
@@ -265,13 +282,7 @@ async fn restarts_under(tag: &str, init: &[&str]) {
     );
     assert_eq!(pids.len(), 4, "four generations answered: {pids:?}");
 
-    send_signal(kept.ns_init, "TERM");
-    let status = timeout(Duration::from_secs(20), kept.server.first.wait())
-        .await
-        .expect("the container ends after SIGTERM")
-        .unwrap();
-    assert!(status.success(), "the container exited with {status}");
-    assert!(processes_from(&kept.server.deploy.dir).is_empty());
+    kept.stop().await;
     kept.server
         .wait_log(
             "stable parent: no generation left; exiting status=exit status: 0",
@@ -329,21 +340,10 @@ async fn with_a_stable_parent_under_tini_restarts_go_to_the_standby() {
             let new = kept.restart().await;
             assert_eq!(Some(new), standby, "the restart went to the standby");
             load.wait_pid(namespace_pid(new)).await;
-            wait_until(
-                "the stable parent reaps the old generation",
-                Duration::from_secs(20),
-                || zombies_of(kept.keeper).is_empty(),
-            )
-            .await;
+            kept.wait_reaped().await;
         }
         load.stop_all_answered().await;
-        send_signal(kept.ns_init, "TERM");
-        let status = timeout(Duration::from_secs(20), kept.server.first.wait())
-            .await
-            .expect("the container ends after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "the container exited with {status}");
-        assert!(processes_from(&kept.server.deploy.dir).is_empty());
+        kept.stop().await;
         let logs = kept.server.log_text();
         assert_eq!(
             logs.matches("handing the listeners to the standby").count(),

@@ -41,6 +41,13 @@ fn count(server: &Server, text: &str) -> usize {
     server.log_text().matches(text).count()
 }
 
+/// Waits until the standby `pid` has been killed and has exited, and checks
+/// that the server logged why, once.
+async fn assert_passed_over(server: &Server, pid: u32, why: &str) {
+    wait_exit("the standby passed over", pid).await;
+    assert_eq!(count(server, why), 1, "{}", server.log_text());
+}
+
 /// The device and inode of what `path` names.
 fn identity(path: impl AsRef<std::path::Path>) -> (u64, u64) {
     let meta = std::fs::metadata(path).unwrap();
@@ -119,13 +126,7 @@ async fn a_replaced_binary_is_started_afresh_and_its_stale_standby_killed() {
             identity(&server.deploy.bin),
             "the new generation runs the new binary"
         );
-        wait_exit("the stale standby", stale).await;
-        assert_eq!(
-            count(&server, "the binary has changed"),
-            1,
-            "{}",
-            server.log_text()
-        );
+        assert_passed_over(&server, stale, "the binary has changed").await;
         load.wait_pid(new).await;
         load.stop_all_answered().await;
         server.stop().await;
@@ -151,13 +152,7 @@ async fn a_release_in_another_directory_is_started_there_not_in_the_standby() {
         let new = server.restart().await;
         assert_ne!(new, stale);
         assert_eq!(identity(format!("/proc/{new}/cwd")), identity(&v2));
-        wait_exit("the stale standby", stale).await;
-        assert_eq!(
-            count(&server, "the working directory has changed"),
-            1,
-            "{}",
-            server.log_text()
-        );
+        assert_passed_over(&server, stale, "the working directory has changed").await;
         server.stop().await;
     })
     .await
@@ -203,9 +198,8 @@ async fn a_replaced_shared_library_is_loaded_afresh_not_kept_from_the_standby() 
         assert_ne!(new, stale);
         assert!(maps(new).contains(&ours));
         assert!(!maps(new).contains(" (deleted)"), "{}", maps(new));
-        wait_exit("the stale standby", stale).await;
-        let reason = format!("a file it has mapped, {ours}, has been replaced or deleted");
-        assert_eq!(count(&server, &reason), 1, "{}", server.log_text());
+        let why = format!("a file it has mapped, {ours}, has been replaced or deleted");
+        assert_passed_over(&server, stale, &why).await;
         server.stop().await;
     })
     .await
@@ -247,13 +241,7 @@ async fn a_standby_that_never_takes_the_listeners_is_replaced_within_the_upgrade
 
         let new = server.restart().await;
         assert_ne!(new, stopped);
-        wait_exit("the stopped standby", stopped).await;
-        assert_eq!(
-            count(&server, "the standby did not take the listeners"),
-            1,
-            "{}",
-            server.log_text()
-        );
+        assert_passed_over(&server, stopped, "the standby did not take the listeners").await;
         assert_eq!(count(&server, "upgrade failed"), 0);
         load.wait_pid(new).await;
         load.stop_all_answered().await;
