@@ -249,8 +249,8 @@ impl Builder {
     ///
     /// Starting a process is most of an upgrade's time: on the development
     /// machine, under the restart benchmark's load, the new generation
-    /// answered in a median of 3.9 to 4.7 ms after the signal with a
-    /// standby, and of 6.1 to 7.1 ms without (see the README). With
+    /// answered in a median of 3.5 to 4.7 ms after the signal with a
+    /// standby, and of 5.7 to 7.7 ms without (see the README). With
     /// this on, 100 ms after this generation is ready it starts its binary
     /// again as a *standby*, which runs `main` up to
     /// [`from_env`](Builder::from_env) and waits there. An upgrade hands it
