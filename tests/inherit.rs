@@ -8,7 +8,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{Deploy, send_signal, wait_exit};
+use support::{Deploy, children_of, send_signal, wait_exit, wait_until};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(60);
@@ -166,11 +166,9 @@ async fn get(port: u16) -> String {
 async fn systemd_socket_activation_and_notifications() {
     timeout(BOUND, async {
         let deploy = Deploy::new("systemd");
-        let notify_path = deploy.dir.join("notify.sock");
-        let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+        let notify = Notifications::bind(&deploy);
         let port = free_port();
-        let notify_var = format!("NOTIFY_SOCKET={}", notify_path.display());
-        let (mut activator, _log) = activated_hello(&deploy, port, port, &[&notify_var]).await;
+        let (mut activator, _log) = activated_hello(&deploy, port, port, &[&notify.var], &[]).await;
         let first = activator.id().unwrap();
         let body = get(port).await;
         assert_eq!(
@@ -179,19 +177,11 @@ async fn systemd_socket_activation_and_notifications() {
             "the activated socket is served"
         );
 
-        let mut buf = vec![0u8; 4096];
-        let mut next_message = async || {
-            let n = timeout(Duration::from_secs(20), notify.recv(&mut buf))
-                .await
-                .expect("a notification")
-                .unwrap();
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        };
-        assert_eq!(next_message().await, format!("READY=1\nMAINPID={first}"));
+        assert_eq!(notify.next().await, format!("READY=1\nMAINPID={first}"));
 
         send_signal(first, "HUP");
-        assert_eq!(next_message().await, "RELOADING=1");
-        let ready = next_message().await;
+        assert_eq!(notify.next().await, "RELOADING=1");
+        let ready = notify.next().await;
         let second: u32 = ready
             .strip_prefix("READY=1\nMAINPID=")
             .unwrap_or_else(|| panic!("READY from the new generation, got {ready:?}"))
@@ -202,9 +192,63 @@ async fn systemd_socket_activation_and_notifications() {
         assert_eq!(get(port).await, format!("hello from {second}"), "handed on");
 
         send_signal(second, "TERM");
-        assert_eq!(next_message().await, "STOPPING=1");
+        assert_eq!(notify.next().await, "STOPPING=1");
         wait_exit("the second generation exits", second).await;
         let _ = activator.wait().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// Under systemd with a standby: the standby takes over the socket systemd
+/// passed and keeps it where the `.socket` unit put it (the message says
+/// that no generation bound it), and systemd hears the new main pid from
+/// the standby itself.
+#[tokio::test]
+async fn a_standby_takes_over_a_socket_systemd_passed_and_systemd_hears_it() {
+    timeout(BOUND, async {
+        let deploy = Deploy::new("systemd-standby");
+        let notify = Notifications::bind(&deploy);
+        let (passed, asked) = (free_port(), free_port());
+        let (mut activator, log) =
+            activated_hello(&deploy, passed, asked, &[&notify.var], &["--standby", "on"]).await;
+        let first = activator.id().unwrap();
+        assert_eq!(notify.next().await, format!("READY=1\nMAINPID={first}"));
+        let mut standby = None;
+        wait_until("the standby", Duration::from_secs(20), || {
+            standby = children_of(first).first().copied();
+            standby.is_some()
+        })
+        .await;
+        let standby = standby.unwrap();
+
+        send_signal(first, "HUP");
+        assert_eq!(notify.next().await, "RELOADING=1");
+        assert_eq!(
+            notify.next().await,
+            format!("READY=1\nMAINPID={standby}"),
+            "the standby is the new main process"
+        );
+        wait_exit("the first generation exits", first).await;
+        assert_eq!(get(passed).await, format!("hello from {standby}"));
+        let refused = tokio::net::TcpStream::connect(("127.0.0.1", asked)).await;
+        assert!(refused.is_err(), "nothing bound in its place: {refused:?}");
+
+        send_signal(standby, "TERM");
+        assert_eq!(notify.next().await, "STOPPING=1");
+        wait_exit("the second generation exits", standby).await;
+        let _ = activator.wait().await;
+        let log = log.await.unwrap();
+        assert_eq!(
+            log.matches("listener passed by systemd is bound elsewhere than asked; keeping it")
+                .count(),
+            2,
+            "by both generations:\n{log}"
+        );
+        assert!(
+            log.contains("handing the listeners to the standby"),
+            "{log}"
+        );
     })
     .await
     .unwrap();
@@ -297,8 +341,34 @@ async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready
     .unwrap();
 }
 
-/// Starts `hello --addr 127.0.0.1:{asked}` under `systemd-socket-activate`
-/// listening on `passed` (named `http`), with `env`; triggers the
+/// A `NOTIFY_SOCKET` of the test's own, as systemd's: `var` passes it.
+struct Notifications {
+    socket: tokio::net::UnixDatagram,
+    var: String,
+}
+
+impl Notifications {
+    fn bind(deploy: &Deploy) -> Self {
+        let path = deploy.dir.join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let var = format!("NOTIFY_SOCKET={}", path.display());
+        Self { socket, var }
+    }
+
+    /// The next notification, within 20 s.
+    async fn next(&self) -> String {
+        let mut buf = vec![0u8; 4096];
+        let n = timeout(Duration::from_secs(20), self.socket.recv(&mut buf))
+            .await
+            .expect("a notification")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+/// Starts `hello --addr 127.0.0.1:{asked}` and `args` under
+/// `systemd-socket-activate` listening on `passed` (named `http`), with
+/// `env`; triggers the
 /// activation. Returns the activator (which execs `hello`, so its pid is
 /// the first generation's) and the log it will print.
 async fn activated_hello(
@@ -306,6 +376,7 @@ async fn activated_hello(
     passed: u16,
     asked: u16,
     env: &[&str],
+    args: &[&str],
 ) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
     let mut command = tokio::process::Command::new("systemd-socket-activate");
     command
@@ -322,6 +393,7 @@ async fn activated_hello(
         .arg(format!("127.0.0.1:{asked}"))
         .arg("--pid-file")
         .arg(&deploy.pid_file)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -349,7 +421,7 @@ async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_s
         let deploy = Deploy::new("moved");
         let (old, new) = (free_port(), free_port());
         let (mut activator, log) =
-            activated_hello(&deploy, old, new, &["HANDOVER_BOUND_FDNAMES=http"]).await;
+            activated_hello(&deploy, old, new, &["HANDOVER_BOUND_FDNAMES=http"], &[]).await;
         let first = activator.id().unwrap();
         drop(connect_when_listening(new).await);
         assert_eq!(get(new).await, format!("hello from {first}"));
@@ -380,7 +452,7 @@ async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_s
         // Passed by systemd: kept, with a warning.
         let deploy = Deploy::new("activated-elsewhere");
         let (passed, asked) = (free_port(), free_port());
-        let (mut activator, log) = activated_hello(&deploy, passed, asked, &[]).await;
+        let (mut activator, log) = activated_hello(&deploy, passed, asked, &[], &[]).await;
         let pid = activator.id().unwrap();
         assert_eq!(get(passed).await, format!("hello from {pid}"));
         let refused = tokio::net::TcpStream::connect(("127.0.0.1", asked)).await;
