@@ -355,6 +355,74 @@ async fn with_a_stable_parent_under_tini_restarts_go_to_the_standby() {
     .unwrap();
 }
 
+/// A socket-activated container (Podman passes `LISTEN_FDS` to the
+/// container's main process): the stable parent, PID 1 here, passes the
+/// activated socket on to the first generation, and upgrades go on serving
+/// it.
+#[tokio::test]
+async fn with_a_stable_parent_a_socket_activated_container_upgrades_on_its_socket() {
+    timeout(BOUND, async {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        // systemd-socket-activate starts the server on the first connection.
+        let activate = tokio::spawn({
+            let addr = addr.clone();
+            async move {
+                while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        // It execs the server in its place: the server is PID 1.
+        let init = [
+            "systemd-socket-activate",
+            "-l",
+            &addr,
+            "--fdname=http",
+            "-E",
+            "RUST_LOG=info",
+        ];
+        let server = Server::launch(
+            Deploy::new("kept-activated"),
+            Launch::Container(&init),
+            &["--stable-parent", "on"],
+            &[],
+        )
+        .await;
+        activate.await.unwrap();
+        assert_eq!(server.addr.port(), port, "it serves the activated socket");
+        let unshare = server.first.id().unwrap();
+        let [ns_init] = children_of(unshare)[..] else {
+            panic!("unshare has one child, the namespace's PID 1");
+        };
+        let mut kept = Kept {
+            server,
+            ns_init,
+            keeper: ns_init,
+        };
+        let load = Load::start(kept.server.addr, 2, "/");
+        load.wait_pid(namespace_pid(kept.generation())).await;
+        for _ in 0..2 {
+            let new = kept.restart().await;
+            load.wait_pid(namespace_pid(new)).await;
+        }
+        load.stop_all_answered().await;
+        kept.stop().await;
+        let logs = kept.server.log_text();
+        assert!(
+            logs.contains("inherited listeners listeners=http=fd 3 from_previous_generation=false"),
+            "the first generation adopted systemd's socket:\n{logs}"
+        );
+        assert!(!logs.contains("upgrade refused or failed"), "{logs}");
+    })
+    .await
+    .unwrap();
+}
+
 /// A generation that dies (a crash, the OOM killer) ends the container with
 /// its status, as it would without the stable parent, so that the
 /// orchestrator restarts it.
