@@ -230,8 +230,9 @@ impl Builder {
     /// refused. With this on, [`from_env`](Builder::from_env) does not
     /// return in that process: it starts the binary again as the first
     /// generation, and stays, as its parent and its successors', until
-    /// none is left; then it exits with the last one's exit status (a
-    /// signal's is 128 plus its number). Meanwhile it passes the upgrade
+    /// none is left; then it exits with the newest one's exit status (a
+    /// signal's is 128 plus its number; 1 if the newest died while its
+    /// predecessor still drained, which reaped it). Meanwhile it passes the upgrade
     /// signals to the current generation and the shutdown signals to every
     /// running one, reaps every child, and passes `READY=1` on to a
     /// `NOTIFY_SOCKET` of its own. The generations, under it, upgrade as

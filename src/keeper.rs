@@ -11,7 +11,7 @@
 //! and the shutdown signals to every generation still running (and to any
 //! that becomes ready later); it reaps every child (an orphan's too, as
 //! PID 1 must), is made the parent of orphaned generations
-//! (`PR_SET_CHILD_SUBREAPER`), and exits, with the last generation's exit
+//! (`PR_SET_CHILD_SUBREAPER`), and exits, with the newest generation's exit
 //! status, once no generation is left.
 
 use std::convert::Infallible;
@@ -27,8 +27,8 @@ use crate::notify::{self, NOTIFY_SOCKET};
 use crate::sys::process::{self, Process};
 
 /// Starts the first generation under this process, and stays its parent
-/// and its successors' until none is left; then exits with the last one's
-/// status. Returns only if the first generation could not be started.
+/// and its successors' until none is left; then exits with the newest
+/// one's status. Returns only if the first generation could not be started.
 pub(crate) fn run(
     upgrade: Vec<SignalKind>,
     shutdown: Vec<SignalKind>,
@@ -71,11 +71,20 @@ struct Generations {
     /// The shutdown signal received, if one was: every generation that
     /// becomes ready from then on gets it too.
     stopping: Option<i32>,
-    /// How the last generation this process reaped exited.
-    last_status: Option<ExitStatus>,
+    /// The newest generation: the container's outcome is its own.
+    newest: Option<u32>,
+    /// How it exited, if this process reaped it.
+    newest_status: Option<ExitStatus>,
 }
 
 impl Generations {
+    /// Watches `generation`, the newest from now on.
+    fn add(&mut self, generation: Process) {
+        self.newest = Some(generation.pid());
+        self.newest_status = None;
+        self.running.push(generation);
+    }
+
     /// A generation said `READY=1` with `MAINPID=pid`.
     fn ready(&mut self, pid: u32) {
         if self.running.iter().any(|g| g.pid() == pid) {
@@ -87,7 +96,7 @@ impl Generations {
                 if let Some(signal) = self.stopping {
                     let _ = generation.signal(signal);
                 }
-                self.running.push(generation);
+                self.add(generation);
             }
             Err(e) => {
                 log!(warn, pid, error = %e, "stable parent: a generation said it was ready but cannot be watched")
@@ -111,13 +120,20 @@ impl Generations {
     }
 
     /// Reaps every child that has exited, and forgets the generations that
-    /// have; `Some(status)` once none is left.
+    /// have; `Some(status)` once none is left: the newest generation's.
+    ///
+    /// An older generation that drained and exited 0 after the newest one
+    /// died says nothing of how the service ended. If the newest was not
+    /// this process's child when it exited (it died while its parent, the
+    /// previous generation, was still draining), that parent reaped it and
+    /// its status is lost: that counts as a failure, unless a shutdown
+    /// signal had been passed on, which it was meant to end it.
     fn reap(&mut self) -> Option<ExitStatus> {
         loop {
             match process::reap_any() {
                 Ok(Some((pid, status))) => {
-                    if self.running.iter().any(|g| g.pid() == pid) {
-                        self.last_status = Some(status);
+                    if self.newest == Some(pid) {
+                        self.newest_status = Some(status);
                     }
                 }
                 Ok(None) => break,
@@ -130,10 +146,19 @@ impl Generations {
         // Also those that were not our children when they exited (a new
         // generation killed while its parent, the old one, was alive).
         self.running.retain(|g| !g.has_exited());
-        // Exited without our having reaped it (not our child): a failure.
-        self.running
-            .is_empty()
-            .then(|| self.last_status.unwrap_or(ExitStatus::from_raw(1 << 8)))
+        if !self.running.is_empty() {
+            return None;
+        }
+        Some(self.newest_status.unwrap_or_else(|| {
+            let pid = self.newest;
+            if self.stopping.is_some() {
+                log!(info, ?pid, "stable parent: the newest generation exited as another's child, after a shutdown signal");
+                ExitStatus::from_raw(0)
+            } else {
+                log!(warn, ?pid, "stable parent: the newest generation exited as another's child, its status unknown: exiting with 1");
+                ExitStatus::from_raw(1 << 8)
+            }
+        }))
     }
 }
 
@@ -152,7 +177,7 @@ async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<Exi
 
     let first = start_first_generation(&address)?;
     let mut generations = Generations::default();
-    generations.running.push(
+    generations.add(
         Process::open(first)
             .map_err(|e| Error::io("watching the first generation (pidfd_open)", e))?,
     );

@@ -443,6 +443,49 @@ async fn a_stable_parent_exits_with_the_status_of_a_generation_that_died() {
     .unwrap();
 }
 
+/// A new generation that dies while the old one still drains (here a
+/// WebSocket holds the old one for its close grace) ends the container
+/// with a failure once the old one has exited, not with the old one's 0:
+/// an orchestrator that restarts containers on failure must restart it.
+#[tokio::test]
+async fn a_stable_parent_fails_when_the_new_generation_died_during_the_old_ones_drain() {
+    timeout(BOUND, async {
+        let mut kept = Kept::start_with(
+            "kept-died-draining",
+            &["tini", "--"],
+            &["--close-grace", "2"],
+        )
+        .await;
+        let old = kept.generation();
+        // A client that never answers the Close holds the old generation
+        // for the close grace.
+        let (_ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", kept.server.addr))
+            .await
+            .unwrap();
+        send_signal(kept.ns_init, "HUP");
+        kept.server
+            .wait_log("handed over; draining this generation", 1)
+            .await;
+        let [new] = children_of(old)[..] else {
+            panic!("the new generation is the old one's child until it exits");
+        };
+        send_signal(new, "KILL");
+        let status = timeout(Duration::from_secs(20), kept.server.first.wait())
+            .await
+            .expect("the container ends once the old generation has drained")
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "a failure, through tini");
+        assert!(processes_from(&kept.server.deploy.dir).is_empty());
+        let logs = kept.server.log_text();
+        assert!(
+            logs.contains("the newest generation exited as another's child, its status unknown"),
+            "{logs}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
 /// Where an exit ends nothing (here the parent is this test), the setting
 /// does nothing: the process started is the first generation, and it
 /// upgrades as ever.
