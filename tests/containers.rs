@@ -344,6 +344,9 @@ async fn with_a_stable_parent_under_tini_restarts_go_to_the_standby() {
         }
         load.stop_all_answered().await;
         kept.stop().await;
+        kept.server
+            .wait_log("handing the listeners to the standby", 3)
+            .await;
         let logs = kept.server.log_text();
         assert_eq!(
             logs.matches("handing the listeners to the standby").count(),
@@ -476,11 +479,13 @@ async fn a_stable_parent_fails_when_the_new_generation_died_during_the_old_ones_
             .unwrap();
         assert_eq!(status.code(), Some(1), "a failure, through tini");
         assert!(processes_from(&kept.server.deploy.dir).is_empty());
-        let logs = kept.server.log_text();
-        assert!(
-            logs.contains("the newest generation exited as another's child, its status unknown"),
-            "{logs}"
-        );
+        // Its last lines may still be on their way through the pipe.
+        kept.server
+            .wait_log(
+                "the newest generation exited as another's child, its status unknown",
+                1,
+            )
+            .await;
     })
     .await
     .unwrap();

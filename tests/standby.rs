@@ -41,11 +41,18 @@ fn count(server: &Server, text: &str) -> usize {
     server.log_text().matches(text).count()
 }
 
+/// Asserts that the server logged `text` exactly `n` times (`n` > 0), once
+/// the lines logged so far have come through the pipe.
+async fn assert_logged(server: &Server, text: &str, n: usize) {
+    server.wait_log(text, n).await;
+    assert_eq!(count(server, text), n, "{}", server.log_text());
+}
+
 /// Waits until the standby `pid` has been killed and has exited, and checks
 /// that the server logged why, once.
 async fn assert_passed_over(server: &Server, pid: u32, why: &str) {
     wait_exit("the standby passed over", pid).await;
-    assert_eq!(count(server, why), 1, "{}", server.log_text());
+    assert_logged(server, why, 1).await;
 }
 
 /// The device and inode of what `path` names.
@@ -80,10 +87,7 @@ async fn upgrades_hand_the_listeners_to_the_waiting_standby_under_load() {
             load.wait_pid(new).await;
             load_h2.wait_pid(new).await;
         }
-        assert_eq!(
-            count(&server, "handing the listeners to the standby"),
-            RESTARTS
-        );
+        assert_logged(&server, "handing the listeners to the standby", RESTARTS).await;
         assert_eq!(count(&server, "upgrade: starting the next generation"), 0);
 
         // The last generation's standby: SIGTERM ends it too.
@@ -216,7 +220,7 @@ async fn a_standby_that_died_is_replaced_by_a_fresh_start() {
 
         let new = server.restart().await;
         assert_ne!(new, dead);
-        assert_eq!(count(&server, "upgrade: starting the next generation"), 1);
+        assert_logged(&server, "upgrade: starting the next generation", 1).await;
         // Found dead, or (not reaped yet) found unreachable: either way it
         // was passed over once.
         assert_eq!(
