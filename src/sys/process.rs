@@ -22,15 +22,10 @@ impl Process {
     pub(crate) fn open(pid: u32) -> io::Result<Process> {
         let raw = libc::pid_t::try_from(pid)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = i32::try_from(fd).map_err(io::Error::other)?;
-        // SAFETY: `fd` was just opened for us and nothing else owns it.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Process { pid, pidfd })
+        Ok(Process {
+            pid,
+            pidfd: pidfd_open(raw)?,
+        })
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -68,6 +63,20 @@ impl Process {
         let ready = unsafe { libc::poll(&mut poll, 1, 0) };
         ready == 1 && poll.revents & (libc::POLLIN | libc::POLLHUP) != 0
     }
+}
+
+/// A pidfd for process `pid` (`O_CLOEXEC`, as every pidfd); an error if
+/// there is no such process, or no pidfds (kernels before 5.3, or a sandbox
+/// that forbids them).
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: `fd` was just opened for us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Reaps one child that has exited, without blocking: `Ok(None)` when none

@@ -342,7 +342,7 @@ fn start_reaper(
 ) -> io::Result<Reaper> {
     #[cfg(target_os = "linux")]
     if let Ok(runtime) = tokio::runtime::Handle::try_current()
-        && let Some(pidfd) = pidfd_open(pid)
+        && let Ok(pidfd) = super::process::pidfd_open(pid)
         && let Ok(pidfd) = readable_when_exited(pidfd)
     {
         runtime.spawn(async move {
@@ -381,18 +381,6 @@ fn readable_when_exited(
     // supports tokio from 1.40, which has only this one.
     #[allow(deprecated)]
     tokio::io::unix::AsyncFd::with_interest(pidfd, tokio::io::Interest::READABLE)
-}
-
-/// A pidfd for our child `pid` (`O_CLOEXEC`, as every pidfd), or `None`
-/// where the kernel has none (before 5.3) or a sandbox forbids it.
-#[cfg(target_os = "linux")]
-fn pidfd_open(pid: libc::pid_t) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = RawFd::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: `fd` was just opened for us and nothing else owns it.
-    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Numbers to park `sources` on in the child while they are laid out at
