@@ -29,6 +29,17 @@ pub const HANDOVER_BOUND_FDNAMES: &str = "HANDOVER_BOUND_FDNAMES";
 /// listeners and the readiness pipe.
 pub const HANDOVER_STANDBY_FD: &str = "HANDOVER_STANDBY_FD";
 
+/// Every variable of the inheritance protocol: removed from the environment
+/// once read, and never passed on as they were to the next generation.
+pub(crate) const INHERITANCE_VARS: [&str; 6] = [
+    LISTEN_FDS,
+    LISTEN_FDNAMES,
+    LISTEN_PID,
+    HANDOVER_READY_FD,
+    HANDOVER_BOUND_FDNAMES,
+    HANDOVER_STANDBY_FD,
+];
+
 /// The first inherited fd.
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
 /// Listen backlog of the sockets bound here.
@@ -264,11 +275,7 @@ impl Listeners {
     /// says what is wrong. Nothing is bound in its place.
     pub fn from_env() -> Result<Self, Error> {
         let var = |name: &str| std::env::var(name).ok();
-        if let Some(standby) = var(HANDOVER_STANDBY_FD) {
-            sys::remove_env(HANDOVER_STANDBY_FD);
-            let (spec, bound) = crate::standby::wait_for_upgrade(&standby)?;
-            return Self::adopt(spec, &bound);
-        }
+        let standby = var(HANDOVER_STANDBY_FD);
         let spec = parse_env(
             var(LISTEN_FDS).as_deref(),
             var(LISTEN_FDNAMES).as_deref(),
@@ -277,14 +284,14 @@ impl Listeners {
             std::process::id(),
         );
         let bound = var(HANDOVER_BOUND_FDNAMES);
-        for name in [
-            LISTEN_FDS,
-            LISTEN_FDNAMES,
-            LISTEN_PID,
-            HANDOVER_READY_FD,
-            HANDOVER_BOUND_FDNAMES,
-        ] {
+        for name in INHERITANCE_VARS {
             sys::remove_env(name);
+        }
+        if let Some(standby) = standby {
+            // A standby's environment has none of the others: all of it
+            // comes on the socket.
+            let (spec, bound) = crate::standby::wait_for_upgrade(&standby)?;
+            return Self::adopt(spec, &bound);
         }
         let spec = spec?;
         let bound = parse_bound(bound.as_deref(), &spec)?;

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::listener::{
-    HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, HANDOVER_STANDBY_FD, LISTEN_FDNAMES, LISTEN_FDS,
-    LISTEN_FDS_START, LISTEN_PID, Listeners,
+    HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, HANDOVER_STANDBY_FD, INHERITANCE_VARS,
+    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, Listeners,
 };
 use crate::sys::spawn::Child;
 use crate::{notify, standby, sys};
@@ -625,15 +625,7 @@ fn inheritance_vars(passed: &[(&str, bool)]) -> Vec<(&'static str, String)> {
 /// This process's environment without the inheritance variables it may
 /// have been given.
 fn own_env(ours: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
-    let inheritance = [
-        LISTEN_PID,
-        LISTEN_FDS,
-        LISTEN_FDNAMES,
-        HANDOVER_READY_FD,
-        HANDOVER_BOUND_FDNAMES,
-        HANDOVER_STANDBY_FD,
-    ];
-    ours.filter(|(key, _)| !inheritance.iter().any(|var| key == var))
+    ours.filter(|(key, _)| !INHERITANCE_VARS.iter().any(|var| key == var))
         .collect()
 }
 
