@@ -131,8 +131,7 @@ impl Upgrader {
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| Error::io("creating the standby's socket", e))?;
         let env = standby_env(std::env::vars_os());
-        let dir = self.child_dir();
-        let dir_id = FileId::of(dir.unwrap_or(Path::new(".")));
+        let (dir, dir_id) = self.child_dir_and_id();
         let exe = FileId::of(&self.exe);
         let child = sys::spawn::spawn(&self.exe, &self.args, dir, &env, &[theirs.as_fd()])
             .map_err(|e| Error::Binary {
@@ -165,7 +164,7 @@ impl Upgrader {
             return None;
         } else if standby.exe.is_none() || FileId::of(&self.exe) != standby.exe {
             "the binary has changed".to_owned()
-        } else if FileId::of(self.child_dir().unwrap_or(Path::new("."))) != standby.dir {
+        } else if self.child_dir_and_id().1 != standby.dir {
             "the working directory has changed".to_owned()
         } else if let Some(path) = replaced_mapping(pid) {
             format!("a file it has mapped, {path}, has been replaced or deleted")
@@ -229,16 +228,22 @@ impl Upgrader {
     /// Where the next generation starts: `None` for this process's own
     /// working directory, which it inherits.
     fn child_dir(&self) -> Option<&Path> {
+        self.child_dir_and_id().0
+    }
+
+    /// [`child_dir`](Self::child_dir), and the identity of the directory
+    /// that is (`None` if it does not exist), from the same two `stat`s.
+    fn child_dir_and_id(&self) -> (Option<&Path>, Option<FileId>) {
         let here = FileId::of(Path::new("."));
         match FileId::of(&self.cwd) {
-            Some(there) if Some(there) == here => None,
+            Some(there) if Some(there) == here => (None, here),
             // A symlink on the path now points elsewhere (a new release),
             // or this process has changed directory since it started.
-            Some(_) => Some(&self.cwd),
+            Some(there) => (Some(&self.cwd), Some(there)),
             // The path is gone (an old release's directory, removed), but
             // this process is still where it started: so is the child.
-            None if here.is_some() && here == self.start_dir => None,
-            None => Some(&self.cwd),
+            None if here.is_some() && here == self.start_dir => (None, here),
+            None => (Some(&self.cwd), None),
         }
     }
 
@@ -334,11 +339,11 @@ impl Upgrader {
             .map(|(name, _, bound)| (name.as_str(), *bound))
             .collect();
         let count = passed.len();
-        let vars = inheritance_vars(&listed);
-        // A standby has its environment already.
-        let env = match standby {
-            None => child_env(std::env::vars_os(), &listed),
-            Some(_) => Vec::new(),
+        // What the child is told of the listeners: a standby in its
+        // message, a fresh start in its environment.
+        let (vars, env) = match standby {
+            Some(_) => (inheritance_vars(&listed), Vec::new()),
+            None => (Vec::new(), child_env(std::env::vars_os(), &listed)),
         };
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
@@ -872,5 +877,20 @@ mod tests {
             upgrader(gone.clone(), &l.dir).child_dir(),
             Some(gone.as_path())
         );
+        // The identity that comes with it is the directory the child starts
+        // in, as a standby is checked against.
+        assert_eq!(
+            upgrader(here.clone(), &here).child_dir_and_id().1,
+            FileId::of(&here)
+        );
+        assert_eq!(
+            upgrader(current.clone(), &here).child_dir_and_id().1,
+            FileId::of(&current)
+        );
+        assert_eq!(
+            upgrader(gone.clone(), &here).child_dir_and_id().1,
+            FileId::of(&here)
+        );
+        assert_eq!(upgrader(gone.clone(), &l.dir).child_dir_and_id().1, None);
     }
 }
