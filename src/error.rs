@@ -30,6 +30,14 @@ pub enum Error {
         /// What it is instead.
         reason: String,
     },
+    /// A listener could not be taken as asked (several inherited ones fit
+    /// it, say).
+    Listener {
+        /// The name the application asked for.
+        name: String,
+        /// Why, with the inherited listeners concerned.
+        reason: String,
+    },
     /// A system call failed.
     Io {
         /// What was being done.
@@ -108,6 +116,7 @@ impl fmt::Display for Error {
             Error::Fd { fd, name, reason } => {
                 write!(f, "inherited fd {fd} named {name:?}: {reason}")
             }
+            Error::Listener { name, reason } => write!(f, "listener {name:?}: {reason}"),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Binary { path, reason } => {
                 write!(f, "cannot start {}: {reason}", path.display())

@@ -66,7 +66,9 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// within the ready timeout, it is killed and reaped and this
 /// process goes on serving as if nothing happened. `SIGTERM`, `SIGINT` and
 /// `SIGQUIT` drain and return [`Exit::Shutdown`], killing a pending child
-/// first.
+/// first; the sockets this process bound are closed as the drain starts
+/// (a new connection is refused at once) and a Unix socket's file is
+/// removed, while sockets systemd passed stay open.
 ///
 /// Cloning is cheap; an admin endpoint can hold a clone and call
 /// [`upgrade`](Handover::upgrade) itself.
@@ -477,6 +479,11 @@ impl Handover {
 
     /// Drains this generation and ends [`serve`](Handover::serve) with
     /// [`Exit::Shutdown`]; a pending upgrade's child is killed first.
+    ///
+    /// Every socket this process (or an earlier generation) bound is closed
+    /// as the drain starts, so that a new connection is refused at once,
+    /// and a Unix socket's file is removed; the ones systemd passed stay
+    /// open for its next start.
     pub fn shutdown(&self) {
         let inner = &*self.inner;
         inner.shutting_down.cancel();
@@ -484,8 +491,30 @@ impl Handover {
         inner.upgrader.retire();
         if self.settle(Outcome::Shutdown) {
             let _ = notify::sd_notify("STOPPING=1");
+            // Nothing will accept from the sockets this process bound: they
+            // close as the serve loop stops, so that a new connection is
+            // refused at once (and its client tries elsewhere) instead of
+            // waiting in a backlog that is reset at exit.
+            inner.listeners.close_bound();
+            if !inner.upgrader.is_running() && !inner.upgrader.has_handed_over() {
+                inner.listeners.remove_socket_files();
+            }
         }
         inner.graceful.start_drain();
+    }
+
+    /// Called as a serve loop stops accepting: whether its listener closes
+    /// for good (no next generation accepts from it). If so, this
+    /// process's other copies of the sockets it bound are closed too (the
+    /// drain was started by [`Graceful::start_drain`], say, rather than by
+    /// [`shutdown`](Handover::shutdown), which closes them itself).
+    fn stops_for_good(&self) -> bool {
+        let outcome = *self.inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let for_good = !matches!(outcome, Some(Outcome::HandedOver(_)));
+        if for_good {
+            self.inner.listeners.close_bound();
+        }
+        for_good
     }
 
     /// Records how this generation ends, unless that is already decided;
@@ -516,11 +545,15 @@ impl Handover {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
+        let handover = self.clone();
         HandoverServe {
             handover: self.clone(),
             serve: crate::serve(listener, service, &self.inner.graceful)
                 .idle_grace(self.inner.idle_grace)
-                .drain_timeout(self.inner.drain_timeout),
+                .drain_timeout(self.inner.drain_timeout)
+                // After a hand-over, the next generation accepts from the
+                // same socket.
+                .closes_for_good_if(move || handover.stops_for_good()),
         }
     }
 
@@ -557,6 +590,11 @@ impl Handover {
         match outcome {
             Some(Outcome::HandedOver(pid)) => Exit::HandedOver { pid, report },
             Some(Outcome::Shutdown) | None => {
+                // A next generation that became ready as the shutdown came
+                // serves on these files' sockets.
+                if !self.inner.upgrader.has_handed_over() {
+                    self.inner.listeners.remove_socket_files();
+                }
                 if let Some(path) = &self.inner.pid_file
                     && let Err(e) = notify::remove_pid_file_if_ours(path)
                 {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::Error;
@@ -204,6 +204,8 @@ struct Inherited {
     name: String,
     socket: OwnedFd,
     family: Family,
+    /// Where it is bound: what decides when no name matches.
+    address: Address,
     /// Bound by a previous generation, not passed by systemd: it follows a
     /// changed address.
     bound: bool,
@@ -220,6 +222,10 @@ struct Active {
 struct State {
     from_previous_generation: bool,
     inherited: Vec<Inherited>,
+    /// The Unix socket files of the listeners a generation bound (not
+    /// systemd's), with their identity: removed on the final shutdown if
+    /// they still name those sockets.
+    socket_files: Vec<(PathBuf, FileId)>,
     /// Every listener this generation serves, by name: what the next
     /// generation receives.
     active: Vec<Active>,
@@ -305,6 +311,7 @@ impl Listeners {
                 from_previous_generation: false,
                 inherited: Vec::new(),
                 active: Vec::new(),
+                socket_files: Vec::new(),
                 ready_pipe: None,
             }),
         }
@@ -326,12 +333,14 @@ impl Listeners {
             if inherited.iter().any(|i: &Inherited| i.name == name) && name != "unknown" {
                 return Err(fd_error("the name is given to two fds".into()));
             }
+            let address = Address::of(&socket, family);
             inherited.push(Inherited {
                 fd,
                 bound: bound.contains(&name),
                 name,
                 socket,
                 family,
+                address,
             });
         }
         let ready_pipe = match spec.ready_fd {
@@ -370,6 +379,7 @@ impl Listeners {
                 from_previous_generation: ready_pipe.is_some(),
                 inherited,
                 active: Vec::new(),
+                socket_files: Vec::new(),
                 ready_pipe,
             }),
         })
@@ -384,9 +394,11 @@ impl Listeners {
         self.lock().from_previous_generation
     }
 
-    /// Takes the inherited listener named `name`, if there is one, and
-    /// whether a previous generation bound it.
-    fn take_inherited(&self, name: &str, unix: bool) -> Result<Option<(OwnedFd, bool)>, Error> {
+    /// Takes the inherited listener for `name`, if there is one, and
+    /// whether a previous generation bound it: the one passed under that
+    /// name; else the one bound where `want` asks (systemd passed it
+    /// unnamed, or named after its unit), with a log line that says so.
+    fn take_inherited(&self, name: &str, want: Want<'_>) -> Result<Option<(OwnedFd, bool)>, Error> {
         if !is_valid_name(name) {
             return Err(Error::io(
                 format!("listener name {name:?}"),
@@ -403,8 +415,9 @@ impl Listeners {
                 std::io::Error::new(std::io::ErrorKind::AlreadyExists, "taken twice"),
             ));
         }
+        let unix = matches!(want, Want::Unix(_));
         let Some(pos) = state.inherited.iter().position(|i| i.name == name) else {
-            return Ok(None);
+            return take_by_address(&mut state.inherited, name, want);
         };
         let inherited = state.inherited.remove(pos);
         let fits = match inherited.family {
@@ -429,12 +442,27 @@ impl Listeners {
         Ok(Some((inherited.socket, inherited.bound)))
     }
 
-    fn register(&self, name: &str, fd: &impl AsFd, bound: bool) -> Result<(), Error> {
+    /// Keeps a copy of a listener taken, for the next generation; and, if a
+    /// generation bound it at the Unix socket path `file`, that file.
+    fn register(
+        &self,
+        name: &str,
+        fd: &impl AsFd,
+        bound: bool,
+        file: Option<&Path>,
+    ) -> Result<(), Error> {
         let socket = fd
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io(format!("duplicating listener {name:?}"), e))?;
-        self.lock().active.push(Active {
+        let mut state = self.lock();
+        if let Some(path) = file.filter(|_| bound) {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            if let Some(id) = FileId::of(&path) {
+                state.socket_files.push((path, id));
+            }
+        }
+        state.active.push(Active {
             name: name.to_owned(),
             socket,
             bound,
@@ -442,18 +470,10 @@ impl Listeners {
         Ok(())
     }
 
+    /// Every inherited listener not taken yet, with its fd, name and
+    /// address, for an error that says why none of them was used.
     fn inherited_names(&self) -> String {
-        let state = self.lock();
-        if state.inherited.is_empty() {
-            "none".into()
-        } else {
-            state
-                .inherited
-                .iter()
-                .map(|i| i.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+        describe(&self.lock().inherited)
     }
 
     /// The TCP listener named `name`: the inherited one, or a new one bound
@@ -491,7 +511,7 @@ impl Listeners {
                 )
             })
         };
-        let (listener, bound) = match self.take_inherited(name, false)? {
+        let (listener, bound) = match self.take_inherited(name, Want::Tcp(&addrs))? {
             Some((fd, bound)) => {
                 let std = std::net::TcpListener::from(fd);
                 std.set_nonblocking(true)
@@ -517,7 +537,7 @@ impl Listeners {
             }
             None => (bind()?, true),
         };
-        self.register(name, &listener, bound)?;
+        self.register(name, &listener, bound, None)?;
         Ok(listener)
     }
 
@@ -552,7 +572,7 @@ impl Listeners {
                 )
             })
         };
-        let (listener, bound) = match self.take_inherited(name, true)? {
+        let (listener, bound) = match self.take_inherited(name, Want::Unix(path))? {
             Some((fd, bound)) => {
                 let std = std::os::unix::net::UnixListener::from(fd);
                 std.set_nonblocking(true)
@@ -579,7 +599,7 @@ impl Listeners {
             }
             None => (bind()?, true),
         };
-        self.register(name, &listener, bound)?;
+        self.register(name, &listener, bound, Some(path))?;
         Ok(listener)
     }
 
@@ -605,6 +625,41 @@ impl Listeners {
                 .map_err(|e| Error::io("telling the previous generation we are ready", e))?;
         }
         Ok(())
+    }
+
+    /// On the final shutdown: closes this process's copies of every
+    /// listener a generation bound (the ones kept for the next generation,
+    /// and inherited ones not taken), so that each socket closes the moment
+    /// the serve loop drops its own, and a new connection is refused
+    /// instead of waiting in a backlog nobody will read. The ones systemd
+    /// passed stay open: systemd keeps them for the next start.
+    pub(crate) fn close_bound(&self) {
+        let mut state = self.lock();
+        let closed = state.active.iter().filter(|a| a.bound).count()
+            + state.inherited.iter().filter(|i| i.bound).count();
+        state.active.retain(|active| !active.bound);
+        state.inherited.retain(|inherited| !inherited.bound);
+        if closed > 0 {
+            log!(debug, closed, "closed the listeners kept for an upgrade");
+        }
+    }
+
+    /// Removes the Unix socket files of the listeners a generation bound,
+    /// each only if it still names the socket bound there (a new server
+    /// may have bound the path since). Calling it again does nothing.
+    pub(crate) fn remove_socket_files(&self) {
+        let files = std::mem::take(&mut self.lock().socket_files);
+        for (path, id) in files {
+            if FileId::of(&path) != Some(id) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => log!(info, path = %path.display(), "removed the socket file"),
+                Err(e) => {
+                    log!(warn, path = %path.display(), error = %e, "could not remove the socket file")
+                }
+            }
+        }
     }
 
     /// Duplicates of every listener taken so far, with their names and
@@ -643,6 +698,122 @@ impl fmt::Debug for Listeners {
             )
             .field("from_previous_generation", &state.ready_pipe.is_some())
             .finish()
+    }
+}
+
+/// What the application asks a listener to be bound to.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    Tcp(&'a [SocketAddr]),
+    Unix(&'a Path),
+}
+
+impl Want<'_> {
+    /// Whether a listener bound at `address` is the one asked for. A TCP
+    /// port of 0 asks for no address in particular, so nothing is.
+    fn is(&self, address: &Address) -> bool {
+        match (self, address) {
+            (Want::Tcp(addrs), Address::Tcp(local)) => {
+                addrs.iter().any(|a| a.port() != 0 && a == local)
+            }
+            (Want::Unix(path), Address::Unix(local)) => same_socket_path(local, path),
+            _ => false,
+        }
+    }
+}
+
+/// Where an inherited listener is bound, read once when it is adopted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    /// Unnamed or abstract Unix sockets, and what could not be read.
+    Unknown,
+}
+
+impl Address {
+    fn of(socket: &OwnedFd, family: Family) -> Self {
+        // A duplicate, so that the std types can read it and close only it.
+        let Ok(fd) = socket.try_clone() else {
+            return Address::Unknown;
+        };
+        match family {
+            Family::Inet | Family::Inet6 => std::net::TcpListener::from(fd)
+                .local_addr()
+                .map_or(Address::Unknown, Address::Tcp),
+            Family::Unix => std::os::unix::net::UnixListener::from(fd)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .map_or(Address::Unknown, Address::Unix),
+            Family::Other(_) => Address::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(addr) => write!(f, "{addr}"),
+            Address::Unix(path) => write!(f, "{}", path.display()),
+            Address::Unknown => f.write_str("no address"),
+        }
+    }
+}
+
+/// `fd 3 "unknown" on 127.0.0.1:3000, fd 4 …`, or `none`.
+fn describe(inherited: &[Inherited]) -> String {
+    if inherited.is_empty() {
+        return "none".into();
+    }
+    inherited
+        .iter()
+        .map(|i| format!("fd {} {:?} on {}", i.fd, i.name, i.address))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// No inherited listener has the name `name`: takes the one bound where
+/// `want` asks, if exactly one is.
+fn take_by_address(
+    inherited: &mut Vec<Inherited>,
+    name: &str,
+    want: Want<'_>,
+) -> Result<Option<(OwnedFd, bool)>, Error> {
+    let fits: Vec<usize> = (0..inherited.len())
+        .filter(|&i| want.is(&inherited[i].address))
+        .collect();
+    match fits[..] {
+        [] => Ok(None),
+        [pos] => {
+            let taken = inherited.remove(pos);
+            log!(
+                info,
+                fd = taken.fd,
+                passed_as = taken.name,
+                name,
+                address = %taken.address,
+                "adopting an inherited listener passed under another name: it is bound where this one is asked to be"
+            );
+            Ok(Some((taken.socket, taken.bound)))
+        }
+        _ => {
+            let both: Vec<&Inherited> = fits.iter().map(|&i| &inherited[i]).collect();
+            let listed: Vec<String> = both
+                .iter()
+                .map(|i| format!("fd {} {:?} on {}", i.fd, i.name, i.address))
+                .collect();
+            Err(Error::Listener {
+                name: name.to_owned(),
+                reason: format!(
+                    "no inherited listener has this name, and {} are bound where it is asked to be \
+                     ({}); name the one to use {name:?} (systemd: FileDescriptorName=, \
+                     systemd-socket-activate: --fdname=)",
+                    listed.len(),
+                    listed.join(", ")
+                ),
+            })
+        }
     }
 }
 
@@ -755,6 +926,97 @@ mod tests {
         assert!(!same_socket_path(&path, &dir.join("other.sock")));
         let _other = std::os::unix::net::UnixListener::bind(dir.join("other.sock")).unwrap();
         assert!(!same_socket_path(&path, &dir.join("other.sock")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Listeners as if `sockets` had been inherited under those names.
+    fn inherited(sockets: Vec<(&str, OwnedFd)>) -> Listeners {
+        let inherited = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, socket))| {
+                let family = sys::listening_stream_socket(socket.as_fd()).unwrap();
+                Inherited {
+                    fd: LISTEN_FDS_START + i as RawFd,
+                    name: name.to_owned(),
+                    address: Address::of(&socket, family),
+                    socket,
+                    family,
+                    bound: false,
+                }
+            })
+            .collect();
+        Listeners {
+            state: Mutex::new(State {
+                from_previous_generation: false,
+                inherited,
+                socket_files: Vec::new(),
+                active: Vec::new(),
+                ready_pipe: None,
+            }),
+        }
+    }
+
+    /// A TCP listener on `addr` that another may share (`SO_REUSEPORT`).
+    fn shared_port(addr: SocketAddr) -> OwnedFd {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseport(true).unwrap();
+        socket.bind(addr).unwrap();
+        OwnedFd::from(socket.listen(8).unwrap().into_std().unwrap())
+    }
+
+    #[tokio::test]
+    async fn two_unnamed_listeners_at_the_address_asked_for_is_an_error_naming_both() {
+        let first = shared_port("127.0.0.1:0".parse().unwrap());
+        let addr = std::net::TcpListener::from(first.try_clone().unwrap())
+            .local_addr()
+            .unwrap();
+        let listeners = inherited(vec![
+            ("unknown", first),
+            ("api.socket", shared_port(addr)),
+            ("admin", shared_port("127.0.0.1:0".parse().unwrap())),
+        ]);
+        let err = listeners.tcp("http", addr).unwrap_err().to_string();
+        assert!(
+            err.starts_with("listener \"http\": no inherited listener has this name, and 2 are bound where it is asked to be"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "fd 3 \"unknown\" on {addr}, fd 4 \"api.socket\" on {addr}"
+            )),
+            "{err}"
+        );
+        // Nothing was taken: a name still decides, and then one fits.
+        let named = listeners.tcp("api.socket", addr).unwrap();
+        assert_eq!(named.local_addr().unwrap(), addr);
+        let adopted = listeners.tcp("http", addr).unwrap();
+        assert_eq!(adopted.local_addr().unwrap(), addr);
+        // A port of 0 is no address in particular: `admin` is not adopted.
+        let fresh = listeners.tcp("other", "127.0.0.1:0").unwrap();
+        assert_ne!(fresh.local_addr().unwrap().port(), addr.port());
+        assert_eq!(listeners.inherited_names().matches("\"admin\"").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unnamed_unix_listener_is_adopted_by_its_path() {
+        let dir =
+            std::env::temp_dir().join(format!("handover-unix-by-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let listeners = inherited(vec![("unknown", OwnedFd::from(socket))]);
+        // Through a symlink on the directory, it is the same file.
+        std::os::unix::fs::symlink(&dir, dir.with_extension("link")).unwrap();
+        let asked = dir.with_extension("link").join("api.sock");
+        let listener = listeners.unix("api", &asked).unwrap();
+        assert_eq!(
+            listener.local_addr().unwrap().as_pathname(),
+            Some(path.as_path())
+        );
+        assert_eq!(listeners.inherited_names(), "none");
+        std::fs::remove_file(dir.with_extension("link")).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -34,6 +34,11 @@ type MakeExtend<L> =
 /// Makes a connection's [`Extend`] from the stream its acceptor returned.
 type MakeAcceptedExtend<Io> = Arc<dyn Fn(&Io) -> Extend + Send + Sync>;
 
+/// Says, when the drain starts, whether the listener is about to close for
+/// good (nothing else will accept from it), so that what waits in its
+/// backlog is better accepted and served than reset.
+type ClosesForGood = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Adjusts the HTTP builder, after handover's own settings.
 type Configure = Box<dyn FnOnce(&mut Builder<TokioExecutor>) + Send>;
 
@@ -173,7 +178,9 @@ where
 /// with prior knowledge) share the port. When the drain starts (by
 /// [`Graceful::start_drain`] or a signal driver):
 ///
-/// - nothing more is accepted: the listener is dropped at once;
+/// - nothing more is accepted: connections already waiting in the
+///   listener's backlog are accepted and served through the drain (closing
+///   the socket would reset them), and the listener is dropped at once;
 /// - HTTP/2 connections get GOAWAY and finish their open streams;
 /// - HTTP/1 responses carry `Connection: close`, so a keep-alive client
 ///   leaves after its next response; a connection with a request in
@@ -249,6 +256,7 @@ where
         handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         accepted_info: None,
         configure: Vec::new(),
+        closes_for_good: None,
     }
 }
 
@@ -267,6 +275,8 @@ pub struct Serve<L: Listener, S, A: Accept<L::Io> = DefaultAcceptor> {
     handshake_timeout: Duration,
     accepted_info: Option<MakeAcceptedExtend<A::Io>>,
     configure: Vec<Configure>,
+    /// `None`: the listener closes when the serve loop drops it.
+    closes_for_good: Option<ClosesForGood>,
 }
 
 impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
@@ -461,6 +471,17 @@ impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
         }));
         self
     }
+
+    /// When the drain starts, the listener closes for good only if `check`
+    /// says so then (it does not when a next generation accepts from the
+    /// same socket); by default it does.
+    pub(crate) fn closes_for_good_if(
+        mut self,
+        check: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.closes_for_good = Some(Arc::new(check));
+        self
+    }
 }
 
 impl<L: Listener, S> Serve<L, S> {
@@ -531,6 +552,7 @@ impl<L: Listener, S> Serve<L, S> {
             handshake_timeout: self.handshake_timeout,
             accepted_info: None,
             configure: self.configure,
+            closes_for_good: self.closes_for_good,
         }
     }
 }
@@ -581,6 +603,7 @@ where
                 handshake_timeout,
                 accepted_info,
                 configure,
+                closes_for_good,
             } = self;
             if let Some(close_grace) = close_grace {
                 graceful.set_close_grace(close_grace);
@@ -599,33 +622,14 @@ where
             }
             let builder = Arc::new(builder);
 
-            let mut drain = pin!(graceful.signal().draining());
-            let mut backoff = ACCEPT_BACKOFF_MIN;
-            loop {
-                let accepted = tokio::select! {
-                    biased;
-                    () = &mut drain => break,
-                    accepted = listener.accept() => accepted,
-                };
-                let (io, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) if is_connection_error(&e) => continue,
-                    Err(e) => {
-                        log!(error, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                        tokio::select! {
-                            biased;
-                            () = &mut drain => break,
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                        continue;
-                    }
-                };
-                backoff = ACCEPT_BACKOFF_MIN;
+            // Each accepted connection runs in a task of its own.
+            let connections = graceful.clone();
+            let start = move |io: L::Io, peer: L::Addr| {
                 if let Err(e) = L::set_nodelay(&io, tcp_nodelay) {
                     log!(debug, error = %e, ?peer, "could not set TCP_NODELAY");
                 }
                 // Counted from now: a drain waits for the handshake too.
+                let graceful = &connections;
                 let token = graceful.connection_token();
                 let acceptor = acceptor.clone();
                 let service = service.clone();
@@ -650,6 +654,44 @@ where
                     serve_connection(io, service, extend, builder, graceful, token, idle_grace)
                         .await;
                 });
+            };
+
+            let mut drain = pin!(graceful.signal().draining());
+            let mut backoff = ACCEPT_BACKOFF_MIN;
+            loop {
+                let accepted = tokio::select! {
+                    biased;
+                    () = &mut drain => break,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((io, peer)) => {
+                        backoff = ACCEPT_BACKOFF_MIN;
+                        start(io, peer);
+                    }
+                    Err(e) if is_connection_error(&e) => {}
+                    Err(e) => {
+                        log!(error, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                        tokio::select! {
+                            biased;
+                            () = &mut drain => break,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    }
+                }
+            }
+            // Closing the socket resets every connection still waiting in
+            // its backlog: when nothing else will accept them, they are
+            // accepted and served through the drain first.
+            if closes_for_good.as_ref().is_none_or(|closes| closes()) {
+                while let Some(accepted) = accept_now(&mut listener) {
+                    match accepted {
+                        Ok((io, peer)) => start(io, peer),
+                        Err(e) if is_connection_error(&e) => {}
+                        Err(_) => break,
+                    }
+                }
             }
             drop(listener);
             log!(
@@ -660,6 +702,16 @@ where
             );
             Ok(graceful.drain(drain_timeout).await)
         })
+    }
+}
+
+/// A connection already waiting in `listener`'s backlog, if there is one:
+/// its `accept` polled once, never waiting.
+fn accept_now<L: Listener>(listener: &mut L) -> Option<io::Result<(L::Io, L::Addr)>> {
+    let accept = pin!(listener.accept());
+    match accept.poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => Some(result),
+        Poll::Pending => None,
     }
 }
 

@@ -45,6 +45,9 @@ pub(crate) struct Upgrader {
     /// Set once this process has handed over or is shutting down: no more
     /// standbys.
     retired: AtomicBool,
+    /// Set once a next generation has said it is ready (before the upgrade
+    /// stops counting as running).
+    handed_over: AtomicBool,
 }
 
 /// A standby this process started: the next generation, waiting in
@@ -101,6 +104,7 @@ impl Upgrader {
             keep_standby,
             standby: Mutex::new(None),
             retired: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
         })
     }
 
@@ -208,6 +212,12 @@ impl Upgrader {
 
     pub(crate) fn is_running(&self) -> bool {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// Whether a next generation has taken over (it said it was ready),
+    /// even if this process was told to shut down meanwhile.
+    pub(crate) fn has_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
     }
 
     /// Waits until no upgrade is under way: a cancelled one has killed and
@@ -387,6 +397,7 @@ impl Upgrader {
             .await;
         match result {
             Ok(()) => {
+                self.handed_over.store(true, Ordering::SeqCst);
                 self.retired.store(true, Ordering::SeqCst);
                 log!(info, pid, "upgrade: the next generation is ready");
                 Ok(pid)

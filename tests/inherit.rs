@@ -254,44 +254,147 @@ async fn a_standby_takes_over_a_socket_systemd_passed_and_systemd_hears_it() {
     .unwrap();
 }
 
-/// An inherited listener whose name the application does not ask for is
-/// not silently replaced: the bind on the same address fails, and the
-/// error names what was inherited.
+/// An inherited listener whose name and address both differ from what the
+/// application asks for is not silently replaced: the bind on the port it
+/// holds fails, and the error lists every inherited fd with its name and
+/// address.
 #[tokio::test]
-async fn an_inherited_name_that_does_not_match_is_a_clear_error() {
+async fn an_inherited_listener_whose_name_and_address_disagree_is_a_clear_error() {
     timeout(BOUND, async {
+        let deploy = Deploy::new("disagree");
         let port = free_port();
-        let mut activator = tokio::process::Command::new("systemd-socket-activate")
-            .arg("-l")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--fdname=other")
-            .arg(support::hello_binary())
-            .arg("--addr")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("systemd-socket-activate is installed (Debian package systemd)");
-        // Trigger the activation; the server refuses to start.
-        let _connection = connect_when_listening(port).await;
+        // Asked on every address, passed on loopback only: the port is taken.
+        let (mut activator, log) =
+            activate(&deploy, &[port], Some("other"), &format!("0.0.0.0:{port}"), &[], &[]).await;
         let status = timeout(Duration::from_secs(20), activator.wait())
             .await
             .unwrap()
             .unwrap();
         assert!(!status.success());
-        let mut stderr = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut activator.stderr.take().unwrap(), &mut stderr)
+        let log = log.await.unwrap();
+        assert!(
+            log.contains(&format!(
+                "binding listener \"http\" to [0.0.0.0:{port}] (inherited: fd 3 \"other\" on 127.0.0.1:{port})"
+            )),
+            "{log}"
+        );
+        assert!(!log.contains("panicked"), "{log}");
+    })
+    .await
+    .unwrap();
+}
+
+/// The way most people run socket activation: no names at all
+/// (`systemd-socket-activate` without `--fdname`, tools that pass none),
+/// or the name systemd gives an fd of a `.socket` unit without
+/// `FileDescriptorName=` (the unit's). The listener bound where the
+/// application asks is adopted, with a log line that says so, and the next
+/// generation receives it under the application's name.
+#[tokio::test]
+async fn an_unnamed_or_unit_named_socket_is_adopted_by_its_address() {
+    timeout(BOUND, async {
+        for fdname in [None, Some("hello.socket")] {
+            let deploy = Deploy::new("unnamed");
+            let port = free_port();
+            let addr = format!("127.0.0.1:{port}");
+            let (mut activator, log) = activate(&deploy, &[port], fdname, &addr, &[], &[]).await;
+            let first = activator.id().unwrap();
+            assert_eq!(get(port).await, format!("hello from {first}"), "{fdname:?}");
+            send_signal(first, "HUP");
+            wait_exit("the first generation exits", first).await;
+            let second = deploy.read_pid().unwrap();
+            assert_eq!(get(port).await, format!("hello from {second}"), "handed on");
+            send_signal(second, "TERM");
+            wait_exit("the second generation exits", second).await;
+            let _ = activator.wait().await;
+            let log = log.await.unwrap();
+            let passed_as = fdname.unwrap_or("unknown");
+            assert!(
+                log.contains(&format!(
+                    "adopting an inherited listener passed under another name: it is bound where this one is asked to be fd=3 passed_as=\"{passed_as}\" name=\"http\" address={addr}"
+                )),
+                "{fdname:?}: the first generation says which fd it adopted and why\n{log}"
+            );
+            assert_eq!(
+                log.matches("adopting an inherited listener").count(),
+                1,
+                "the second generation finds it by name\n{log}"
+            );
+            assert!(!log.contains("Address already in use"), "{log}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Two unnamed sockets: the one bound where the application asks is
+/// adopted, the other is closed as one the application did not take.
+#[tokio::test]
+async fn of_two_unnamed_sockets_the_one_at_the_address_asked_for_is_adopted() {
+    timeout(BOUND, async {
+        let deploy = Deploy::new("unnamed-two");
+        let (other, asked) = (free_port(), free_port());
+        let (mut activator, log) =
+            activate(&deploy, &[other, asked], None, &format!("127.0.0.1:{asked}"), &[], &[]).await;
+        let pid = activator.id().unwrap();
+        assert_eq!(get(asked).await, format!("hello from {pid}"));
+        let refused = tokio::net::TcpStream::connect(("127.0.0.1", other)).await;
+        assert!(refused.is_err(), "the other socket was closed: {refused:?}");
+        send_signal(pid, "TERM");
+        wait_exit("the server exits", pid).await;
+        let _ = activator.wait().await;
+        let log = log.await.unwrap();
+        assert!(log.contains("fd=4 passed_as=\"unknown\" name=\"http\""), "{log}");
+        assert!(
+            log.contains("inherited listener was not taken by the application; closing it name=\"unknown\" fd=3"),
+            "{log}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// A socket systemd passed is systemd's: a shutdown leaves it open (under
+/// a `.socket` unit, the next start accepts what queued meanwhile), while
+/// the request in flight finishes.
+#[tokio::test]
+async fn a_socket_systemd_passed_stays_open_during_a_shutdown_drain() {
+    timeout(BOUND, async {
+        let deploy = Deploy::new("systemd-term");
+        let notify = Notifications::bind(&deploy);
+        let port = free_port();
+        let (mut activator, _log) = activated_hello(&deploy, port, port, &[&notify.var], &[]).await;
+        let pid = activator.id().unwrap();
+        assert_eq!(notify.next().await, format!("READY=1\nMAINPID={pid}"));
+        let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut slow,
+            b"GET /sleep/1500 HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        send_signal(pid, "TERM");
+        assert_eq!(notify.next().await, "STOPPING=1");
+        for attempt in 0..5 {
+            let queued = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+            assert!(
+                queued.is_ok(),
+                "attempt {attempt}: still listening: {queued:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut response = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut slow, &mut response)
             .await
             .unwrap();
         assert!(
-            stderr.contains(&format!(
-                "binding listener \"http\" to [127.0.0.1:{port}] (inherited: other)"
-            )),
-            "{stderr}"
+            response.ends_with(&format!("slept 1500 in {pid}")),
+            "{response}"
         );
-        assert!(!stderr.contains("panicked"), "{stderr}");
+        wait_exit("the server exits", pid).await;
+        let _ = activator.wait().await;
     })
     .await
     .unwrap();
@@ -303,7 +406,7 @@ async fn an_inherited_name_that_does_not_match_is_a_clear_error() {
 async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready() {
     timeout(BOUND, async {
         let (port, extra) = (free_port(), free_port());
-        let mut activator = tokio::process::Command::new("systemd-socket-activate")
+        let mut activator = tokio::process::Command::new(support::tool("systemd-socket-activate"))
             .arg("-l")
             .arg(format!("127.0.0.1:{port}"))
             .arg("-l")
@@ -318,7 +421,7 @@ async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("systemd-socket-activate is installed (Debian package systemd)");
+            .unwrap();
         drop(connect_when_listening(port).await);
         let pid = activator.id().unwrap();
         assert_eq!(get(port).await, format!("hello from {pid}"));
@@ -368,9 +471,9 @@ impl Notifications {
 
 /// Starts `hello --addr 127.0.0.1:{asked}` and `args` under
 /// `systemd-socket-activate` listening on `passed` (named `http`), with
-/// `env`; triggers the
-/// activation. Returns the activator (which execs `hello`, so its pid is
-/// the first generation's) and the log it will print.
+/// `env`; triggers the activation. Returns the activator (which execs
+/// `hello`, so its pid is the first generation's) and the log it will
+/// print.
 async fn activated_hello(
     deploy: &Deploy,
     passed: u16,
@@ -378,35 +481,58 @@ async fn activated_hello(
     env: &[&str],
     args: &[&str],
 ) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
-    let mut command = tokio::process::Command::new("systemd-socket-activate");
-    command
-        .arg("-l")
-        .arg(format!("127.0.0.1:{passed}"))
-        .arg("--fdname=http")
-        .args(["-E", "RUST_LOG=info"]);
+    let asked = format!("127.0.0.1:{asked}");
+    activate(deploy, &[passed], Some("http"), &asked, env, args).await
+}
+
+/// Starts `hello --addr {asked}` and `args` under `systemd-socket-activate`
+/// listening on each of `ports` (on 127.0.0.1, with `fdname` if given),
+/// with `env`; triggers the activation on the first port. Returns the
+/// activator (which execs `hello`, so its pid is the first generation's)
+/// and everything it will print.
+async fn activate(
+    deploy: &Deploy,
+    ports: &[u16],
+    fdname: Option<&str>,
+    asked: &str,
+    env: &[&str],
+    args: &[&str],
+) -> (tokio::process::Child, tokio::task::JoinHandle<String>) {
+    let mut command = tokio::process::Command::new(support::tool("systemd-socket-activate"));
+    for port in ports {
+        command.arg("-l").arg(format!("127.0.0.1:{port}"));
+    }
+    if let Some(fdname) = fdname {
+        command.arg(format!("--fdname={fdname}"));
+    }
+    command.args(["-E", "RUST_LOG=info"]);
     for var in env {
         command.args(["-E", var]);
     }
     let mut activator = command
         .arg(&deploy.bin)
         .arg("--addr")
-        .arg(format!("127.0.0.1:{asked}"))
+        .arg(asked)
         .arg("--pid-file")
         .arg(&deploy.pid_file)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("systemd-socket-activate is installed (Debian package systemd)");
+        .unwrap();
     let mut stdout = activator.stdout.take().unwrap();
+    let mut stderr = activator.stderr.take().unwrap();
     let log = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text).await;
-        text
+        let (mut out, mut err) = (String::new(), String::new());
+        let _ = tokio::join!(
+            tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut out),
+            tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err)
+        );
+        out + &err
     });
-    drop(connect_when_listening(passed).await);
+    drop(connect_when_listening(ports[0]).await);
     (activator, log)
 }
 

@@ -33,6 +33,8 @@ use tonic::transport::server::TcpConnectInfo;
 mod h2_websocket;
 #[path = "support/served.rs"]
 mod served;
+#[path = "support/tools.rs"]
+mod tools;
 #[path = "support/websocket.rs"]
 mod websocket;
 
@@ -378,11 +380,12 @@ async fn nothing_is_accepted_once_the_drain_starts() {
 /// answered across the start of a drain.
 #[tokio::test]
 async fn curl_requests_in_flight_during_a_drain_complete() {
+    let curl = tools::tool("curl");
     timeout(BOUND, async {
         let (server, _) = start(Duration::from_millis(200), Duration::from_secs(20)).await;
         let url = format!("http://{}/sleep/400", server.addr);
         let spawn_curl = |extra: &'static str| {
-            let mut cmd = tokio::process::Command::new("curl");
+            let mut cmd = tokio::process::Command::new(&curl);
             cmd.args([
                 "-sS",
                 "--max-time",

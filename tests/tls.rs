@@ -25,6 +25,8 @@ use tokio_rustls::client::TlsStream;
 mod served;
 #[path = "support/tls.rs"]
 mod tls;
+#[path = "support/tools.rs"]
+mod tools;
 use served::{Served, get_req};
 use tls::Cert;
 
@@ -145,6 +147,7 @@ async fn https_requests_in_flight_over_http1_and_http2_finish_across_a_drain() {
 /// HTTP/2.
 #[tokio::test]
 async fn curl_is_served_over_https_with_http1_and_http2() {
+    let curl = tools::tool("curl");
     timeout(BOUND, async {
         let cert = Cert::new();
         let dir = std::env::temp_dir().join(format!("handover-tls-curl-{}", std::process::id()));
@@ -153,7 +156,7 @@ async fn curl_is_served_over_https_with_http1_and_http2() {
         let server = start(&cert, Duration::from_millis(100), Duration::from_secs(10)).await;
         let url = format!("https://127.0.0.1:{}/", server.addr.port());
         for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
-            let out = tokio::process::Command::new("curl")
+            let out = tokio::process::Command::new(&curl)
                 .args(["-sS", "--max-time", "20", "-w", " %{http_version}", flag])
                 .arg("--cacert")
                 .arg(dir.join("cert.pem"))

@@ -20,7 +20,10 @@ use tokio::task::JoinHandle;
 
 pub mod h2_websocket;
 pub mod tls;
+pub mod tools;
 pub mod websocket;
+
+pub use tools::tool;
 
 /// The benchmarks' load client: the HTTP/2 load below uses it.
 #[path = "../../examples/bench_support/client.rs"]
@@ -337,7 +340,10 @@ impl Server {
                 sh
             }
             Launch::Container(init) => {
-                let mut unshare = tokio::process::Command::new("unshare");
+                if let Some(init) = init.first() {
+                    tool(init);
+                }
+                let mut unshare = tokio::process::Command::new(tool("unshare"));
                 if !is_root() {
                     unshare.args(["--user", "--map-root-user"]);
                 }
@@ -513,6 +519,23 @@ impl Server {
             processes_from(&self.deploy.dir).is_empty(),
             "no process left behind"
         );
+        status
+    }
+}
+
+impl Server {
+    /// Once the last generation has been told to end: waits for the first
+    /// process, and checks that no process is left; returns how the first
+    /// process exited.
+    pub async fn wait_exited(mut self) -> std::process::ExitStatus {
+        let status = tokio::time::timeout(Duration::from_secs(20), self.first.wait())
+            .await
+            .expect("the first process exits")
+            .unwrap();
+        wait_until("no process left behind", Duration::from_secs(20), || {
+            processes_from(&self.deploy.dir).is_empty()
+        })
+        .await;
         status
     }
 }
