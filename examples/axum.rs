@@ -193,11 +193,13 @@ fn app(handover: &Handover) -> Router {
         .route("/visits", get(visits))
         .route("/whoami", get(whoami))
         .route("/echo", post(echo))
-        .route("/events", get(events))
-        .route("/ws", any(ws))
-        .route("/ready", get(ready))
+        // `serve` counts every request until its body ends; the layer, on
+        // the routes whose handlers read the `ShutdownSignal`, puts it in
+        // their requests (and counts nothing again).
+        .route("/events", get(events).layer(handover.layer()))
+        .route("/ws", any(ws).layer(handover.layer()))
+        .route("/ready", get(ready).layer(handover.layer()))
         .with_state(Arc::new(AppState::default()))
-        .layer(handover.layer())
 }
 
 fn main() -> std::process::ExitCode {

@@ -225,12 +225,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = handover.tcp("http", args.addr)?;
         tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
+        // `serve` counts every request until its body ends. The layer, on
+        // the routes whose handlers read the `ShutdownSignal`, puts it in
+        // their requests (and counts nothing again).
         let app = Router::new()
             .route("/", get(hello))
             .route("/sleep/{ms}", get(sleep))
-            .route("/ws", get(ws))
-            .route("/events", get(events))
-            .layer(handover.layer());
+            .route("/ws", get(ws).layer(handover.layer()))
+            .route("/events", get(events).layer(handover.layer()));
         if !args.warmup.is_zero() {
             tracing::info!(warmup_ms = args.warmup.as_millis() as u64, "warming up");
             tokio::time::sleep(args.warmup).await;

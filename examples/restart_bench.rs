@@ -23,9 +23,13 @@
 //! from the signal to the new generation answering (and how long its first
 //! response took, against every response's median: a fresh process runs its
 //! first request cold), and time from an old generation's last response to
-//! its exit. Last, the ratio of the two throughputs, and a third phase:
-//! steady again, on a second `hello` with `--tcp-nodelay off` (Nagle), to
-//! show what that trade-off costs and buys (`--no-nagle-phase` skips it).
+//! its exit. Then the ratio of the two throughputs, and the ratio of each
+//! to what users run instead: the same load, steady, on `hello`'s `GET /`
+//! served by `axum::serve` in a process of its own (half the phase's
+//! length before the first two phases, half after, so that drift weighs
+//! on both sides). Last, a further phase: steady again, on a second
+//! `hello` with `--tcp-nodelay off` (Nagle), to show what that trade-off
+//! costs and buys (`--no-nagle-phase` skips it).
 //!
 //! "The signal" is the moment just before the benchmark's own `kill(2)`
 //! call sends `SIGHUP`; "the new generation" is the pid that then appears
@@ -342,8 +346,78 @@ async fn new_generation(old: u32, read_pid: impl Fn() -> Option<u32>) -> Option<
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Set in the child that serves the `axum::serve` baseline.
+const AXUM_BASELINE: &str = "HANDOVER_RESTART_BENCH_AXUM_BASELINE";
+
+/// The baseline: `hello`'s `GET /` (`hello from <pid>`) on a plain
+/// `axum::serve` with `TCP_NODELAY` on, in a child process of this
+/// benchmark, which prints its address and serves until its stdin closes.
+fn axum_baseline() -> Result<(), Box<dyn std::error::Error>> {
+    use axum::serve::ListenerExt;
+    use std::io::{Read, Write};
+    std::thread::spawn(|| {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        std::process::exit(0);
+    });
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening addr={}", listener.local_addr()?)?;
+        stdout.flush()?;
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(|| async { format!("hello from {}", std::process::id()) }),
+        );
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+/// A running [`axum_baseline`].
+struct Baseline {
+    addr: std::net::SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl Baseline {
+    async fn start() -> Result<Baseline, Box<dyn std::error::Error>> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .env(AXUM_BASELINE, "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("stdout")?;
+        let line = tokio::io::BufReader::new(stdout)
+            .lines()
+            .next_line()
+            .await?
+            .ok_or("the baseline exited before listening")?;
+        let addr = line
+            .strip_prefix("listening addr=")
+            .ok_or("the baseline said no address")?
+            .parse()?;
+        Ok(Baseline { addr, child })
+    }
+
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait().await;
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os(AXUM_BASELINE).is_some() {
+        return axum_baseline();
+    }
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse()?;
     let hello = bench_support::chosen_hello(o.hello.as_deref())?;
     let dir = std::env::temp_dir().join(format!("handover-restart-bench-{}", std::process::id()));
@@ -361,6 +435,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         o.seconds,
         o.rounds.max(1)
     );
+
+    // What users run instead: half before phases 1 and 2, half after.
+    let baseline = Baseline::start().await?;
+    let half = Options {
+        seconds: o.seconds / 2.0,
+        ..o.clone()
+    };
+    let (mut axum_steady, axum_first_half) = steady_load(baseline.addr, &half).await?;
 
     // Phases 1 and 2, interleaved: `rounds` windows of each, one steady
     // (no restart), one with a SIGHUP every `every`, from one continuous
@@ -419,9 +501,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         elapsed[RESTARTS] += started.elapsed();
     }
     let [mut steady, mut restarts] = collect(tasks, &stop).await?;
+    let (second_half, axum_second_half) = steady_load(baseline.addr, &half).await?;
+    axum_steady.merge(second_half);
+    baseline.stop().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let steady_rps = summary("steady", &mut steady, elapsed[STEADY]);
     let restart_rps = summary("restarts", &mut restarts, elapsed[RESTARTS]);
+    let axum_rps = summary("axum", &mut axum_steady, axum_first_half + axum_second_half);
     // Who answered when, whichever window it was in.
     let mut seen = Record::default();
     seen.seen = steady.seen.clone();
@@ -482,10 +568,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "throughput during restarts / steady = {:.3}",
         restart_rps / steady_rps
     );
+    println!(
+        "against axum::serve steady (the same GET /, its own process): handover steady {:.3}, during restarts {:.3}",
+        steady_rps / axum_rps,
+        restart_rps / axum_rps
+    );
 
     // Kept, with the temporary directory, to tell what went wrong: written
     // once the last generation has drained, so that its end is in it too.
-    let keep_log = !steady.failed.is_empty() || !restarts.failed.is_empty();
+    let keep_log =
+        !steady.failed.is_empty() || !restarts.failed.is_empty() || !axum_steady.failed.is_empty();
     let logs = server.logs.clone();
     server.stop().await;
     if keep_log {

@@ -6,7 +6,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::layer::GracefulLayer;
-use crate::sys::count::{Counted, Owner, ReleasedInDrain};
+mod count;
+use count::{Counted, Owner, ReleasedInDrain};
 
 /// A handle on the work this process still owes its clients.
 ///
@@ -38,10 +39,11 @@ use crate::sys::count::{Counted, Owner, ReleasedInDrain};
 /// them specialised for a server. It keeps separate counts for requests and
 /// connections, knows how many of them ended during the drain and how many
 /// had to be forced, and never needs a `close()` call before its wait can
-/// return. Its per-request cost is half a `TaskTracker` token's: one atomic
-/// operation when the request starts and one when it ends, because the
-/// count of requests is also the reference count that keeps their shared
-/// state alive (a token clones an `Arc` besides counting).
+/// return. Its per-request cost is a `TaskTracker` token's: an atomic
+/// operation on the count when the request starts and one when it ends,
+/// and an `Arc` clone and drop; the count and the drain flag share one
+/// word, so a release learns in the same step whether the drain waits for
+/// it.
 ///
 /// # Examples
 ///
@@ -101,9 +103,8 @@ pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The state every clone of a [`Graceful`], every signal and every token
 /// points to (a request's guard holds only its [`RequestSide`]).
 pub(crate) struct Shared {
-    /// In-flight requests. The count is also the reference count of what a
-    /// request needs, so a request costs one atomic operation in and one
-    /// out (see `sys::count`).
+    /// In-flight requests, and the drain flag in the same word (see
+    /// `count`).
     requests: Owner<RequestSide>,
     connections: Counter,
     upgraded: Counter,
@@ -395,6 +396,13 @@ impl Graceful {
         UpgradeToken::new(&self.shared, Some(force))
     }
 
+    /// This handle's identity: the same for every clone, and unlike any
+    /// other handle's while this one lives. Never 0.
+    #[inline]
+    pub(crate) fn id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
     #[inline]
     pub(crate) fn request_guard(&self) -> RequestGuard {
         RequestGuard {
@@ -520,8 +528,7 @@ impl Shared {
     }
 }
 
-/// Holds one request in the count; released on drop (one pointer, and one
-/// atomic operation each way).
+/// Holds one request in the count; released on drop (one pointer).
 pub(crate) struct RequestGuard {
     request: Counted<RequestSide>,
 }
@@ -752,7 +759,9 @@ impl ShutdownSignal {
     /// A future that resolves when the drain starts (at once if it has).
     pub fn draining(&self) -> Draining {
         Draining {
+            shared: self.shared.clone(),
             inner: self.shared.drain_started.clone().cancelled_owned(),
+            registered: None,
         }
     }
 }
@@ -784,16 +793,42 @@ pin_project! {
     /// once if the drain has started meanwhile.
     #[must_use = "futures do nothing unless polled"]
     pub struct Draining {
+        shared: Arc<Shared>,
         #[pin]
         inner: WaitForCancellationFutureOwned,
+        // The waker `inner` has registered, once it has.
+        registered: Option<Waker>,
     }
 }
 
 impl Future for Draining {
     type Output = ();
 
+    /// A poll while the drain has not started costs one atomic load, so
+    /// that a connection or a stream can poll it beside its own work on
+    /// every wake-up. The notification it waits on (whose poll takes a
+    /// lock that every waiter shares) is polled only on the first poll and
+    /// when the task's waker has changed: a waker registered there stays
+    /// registered, and is woken when the drain starts.
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.project().inner.poll(cx)
+        let this = self.project();
+        // Set before the notification fires.
+        if this.shared.draining.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        let poll = this.inner.poll(cx);
+        if poll.is_pending() {
+            *this.registered = Some(cx.waker().clone());
+        }
+        poll
     }
 }
 

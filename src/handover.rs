@@ -701,6 +701,23 @@ impl<L: Listener, S, A: Accept<L::Io>> HandoverServe<L, S, A> {
         self
     }
 
+    /// Whether every request gets a [`ShutdownSignal`](crate::ShutdownSignal)
+    /// in its extensions (off by default: add [`Handover::layer`] to the
+    /// routes whose handlers read it); see
+    /// [`Serve::signal_extension`](crate::Serve::signal_extension).
+    pub fn signal_extension(mut self, enabled: bool) -> Self {
+        self.serve = self.serve.signal_extension(enabled);
+        self
+    }
+
+    /// How long an HTTP/1 connection may take to send a whole request head
+    /// (30 s by default); see
+    /// [`Serve::header_read_timeout`](crate::Serve::header_read_timeout).
+    pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.serve = self.serve.header_read_timeout(timeout);
+        self
+    }
+
     /// The longest an acceptor's handshake may take (10 s by default); see
     /// [`Serve::handshake_timeout`](crate::Serve::handshake_timeout).
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {

@@ -1,5 +1,6 @@
 //! [`GracefulLayer`]: counts every request until its response body has ended.
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -32,12 +33,18 @@ use crate::graceful::{Graceful, RequestGuard, ShutdownSignal};
 /// the response it is reading instead of racing a socket close with its next
 /// request.
 ///
-/// Applied twice for the same [`Graceful`] (say on a router and again by
-/// [`serve`](crate::serve)), a request is counted once.
+/// Applied twice for the same [`Graceful`], or under [`serve`](crate::serve)
+/// (which does all of this for every request itself), a request is counted
+/// once.
 ///
 /// Each request also gets a [`ShutdownSignal`](crate::ShutdownSignal) in its
 /// extensions; turn that off with [`signal_extension`](Self::signal_extension)
-/// if no handler needs it and every nanosecond counts.
+/// if no handler needs it and every nanosecond counts. Under `serve`, that
+/// is what the layer is for: `serve` puts no signal in by default, and a
+/// layer on the routes whose handlers read it
+/// (`get(ws).layer(graceful.layer())`) gives it to just those, at no other
+/// cost. On a whole axum `Router` it costs more than it does elsewhere:
+/// axum boxes each layered route and its response body.
 ///
 /// # Examples
 ///
@@ -188,12 +195,6 @@ impl<S> GracefulService<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
-
-    /// This service, under a serve loop that tracks upgrades itself.
-    pub(crate) fn upgrades_tracked(mut self) -> Self {
-        self.upgrades_tracked = true;
-        self
-    }
 }
 
 impl<S: fmt::Debug> fmt::Debug for GracefulService<S> {
@@ -219,37 +220,79 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let http1 = req.version() < Version::HTTP_2;
-        // The same `Graceful` counts this request already (a router with
-        // `.layer(graceful.layer())` under `serve`, which adds the layer
-        // too): pass it through, so it counts once.
-        let counted = req
-            .extensions()
-            .get::<ShutdownSignal>()
-            .is_some_and(|signal| signal.is_from(&self.graceful));
-        let guard = (!counted).then(|| self.graceful.request_guard());
-        // Two calls, so that without the extension `req` moves straight
-        // into the inner service instead of being copied around.
-        let inner = if self.signal_extension && guard.is_some() {
-            let mut req = req;
-            self.insert_signal(&mut req);
-            self.inner.call(req)
-        } else {
-            self.inner.call(req)
-        };
-        ResponseFuture {
-            inner,
-            guard,
-            http1,
-        }
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let tracked = track(
+            &self.graceful,
+            self.signal_extension,
+            self.upgrades_tracked,
+            &mut req,
+        );
+        ResponseFuture::new(self.inner.call(req), tracked)
     }
 }
 
-impl<S> GracefulService<S> {
-    fn insert_signal<B>(&self, req: &mut Request<B>) {
-        let signal = self.graceful.signal_with(self.upgrades_tracked);
-        req.extensions_mut().insert(signal);
+/// A request as the layer took it in: its place in the count (none if the
+/// same `Graceful` counts it already), and whether it came over HTTP/1.
+pub(crate) struct Tracked {
+    guard: Option<RequestGuard>,
+    http1: bool,
+}
+
+thread_local! {
+    /// The [`Graceful`] (by [`Graceful::id`]) whose serve loop is calling
+    /// or polling the application's service on this thread right now, or 0.
+    static SERVING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Runs `f`, a call or poll of the application's service by the serve loop
+/// of the `Graceful` with id `graceful`: a [`GracefulLayer`] of the same
+/// `Graceful` inside it (on a router's routes, say) sees that the request
+/// is counted already, without anything put in the request for it.
+#[inline]
+pub(crate) fn serving<R>(graceful: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        #[inline]
+        fn drop(&mut self) {
+            SERVING.with(|serving| serving.set(self.0));
+        }
+    }
+    let _restore = Restore(SERVING.with(|serving| serving.replace(graceful)));
+    f()
+}
+
+/// What the layer does to a request before the inner service sees it:
+/// counts it on `graceful`, unless that `Graceful` counts it already (a
+/// router with `.layer(graceful.layer())` under `serve`, which counts every
+/// request too, or the same layer twice), and gives it a
+/// [`ShutdownSignal`] if `signal_extension` (also when counted already by
+/// a serve loop, which puts none in by default). The serve loop calls it
+/// for each request without a `GracefulService`.
+#[inline]
+pub(crate) fn track<B>(
+    graceful: &Graceful,
+    signal_extension: bool,
+    upgrades_tracked: bool,
+    req: &mut Request<B>,
+) -> Tracked {
+    let http1 = req.version() < Version::HTTP_2;
+    let served = SERVING.with(Cell::get) == graceful.id();
+    let signal = req.extensions().get::<ShutdownSignal>();
+    if served || signal.is_some_and(|signal| signal.is_from(graceful)) {
+        if served && signal_extension && signal.is_none() {
+            // The serve loop tracks upgrades itself.
+            req.extensions_mut().insert(graceful.signal_with(true));
+        }
+        return Tracked { guard: None, http1 };
+    }
+    let guard = graceful.request_guard();
+    if signal_extension {
+        req.extensions_mut()
+            .insert(graceful.signal_with(upgrades_tracked));
+    }
+    Tracked {
+        guard: Some(guard),
+        http1,
     }
 }
 
@@ -263,6 +306,19 @@ pin_project! {
         inner: F,
         guard: Option<RequestGuard>,
         http1: bool,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// The future of a request `track` took in, whose inner service's
+    /// future is `inner`.
+    #[inline]
+    pub(crate) fn new(inner: F, tracked: Tracked) -> Self {
+        Self {
+            inner,
+            guard: tracked.guard,
+            http1: tracked.http1,
+        }
     }
 }
 

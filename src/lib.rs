@@ -128,6 +128,6 @@ pub use graceful::{
 };
 pub use layer::{GracefulLayer, GracefulService, ResponseFuture, TrackedBody};
 pub use serve::{
-    Accept, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_GRACE, DefaultAcceptor,
-    Listener, Serve, serve,
+    Accept, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_IDLE_GRACE, DefaultAcceptor, Listener, Serve, serve,
 };

@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -16,13 +16,15 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower_service::Service;
 
 use crate::graceful::{ConnectionToken, DrainReport, Force, Graceful, UpgradeToken};
-use crate::layer::GracefulService;
+use crate::layer::{ResponseFuture, Tracked, TrackedBody, serving, track};
+
+mod busy;
+use busy::{Busy, BusyGuard, Watched};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -61,6 +63,8 @@ fn both(first: Extend, then: Extend) -> Extend {
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
 /// Default for [`Serve::drain_timeout`].
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`Serve::header_read_timeout`]: hyper's.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default for [`Serve::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -173,8 +177,15 @@ where
 
 /// Serves `service` on `listener` until `graceful` drains, then drains.
 ///
-/// Every request runs through [`GracefulLayer`](crate::GracefulLayer) (added for you) and every
-/// connection is counted on `graceful`. HTTP/1.1 and HTTP/2 (cleartext,
+/// Every request is tracked as [`GracefulLayer`](crate::GracefulLayer) would
+/// track it (counted until its response body ends, `Connection: close` once
+/// draining, event and gRPC streams ended at the close grace), without the
+/// layer: there is no need to add it, but on the routes whose handlers read
+/// the [`ShutdownSignal`](crate::ShutdownSignal), which `serve` puts in no
+/// request by default (see [`Serve::signal_extension`]). Every connection
+/// is counted on `graceful`. HTTP/1 connections that do not send a request
+/// head within [`header_read_timeout`](Serve::header_read_timeout) are
+/// closed. HTTP/1.1 and HTTP/2 (cleartext,
 /// with prior knowledge) share the port. When the drain starts (by
 /// [`Graceful::start_drain`] or a signal driver):
 ///
@@ -257,6 +268,8 @@ where
         accepted_info: None,
         configure: Vec::new(),
         closes_for_good: None,
+        header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+        signal_extension: false,
     }
 }
 
@@ -277,6 +290,8 @@ pub struct Serve<L: Listener, S, A: Accept<L::Io> = DefaultAcceptor> {
     configure: Vec<Configure>,
     /// `None`: the listener closes when the serve loop drops it.
     closes_for_good: Option<ClosesForGood>,
+    header_read_timeout: Option<Duration>,
+    signal_extension: bool,
 }
 
 impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
@@ -307,6 +322,41 @@ impl<L: Listener, S, A: Accept<L::Io>> Serve<L, S, A> {
     /// see there for what "forced" means for each kind.
     pub fn close_grace(mut self, close_grace: Duration) -> Self {
         self.close_grace = Some(close_grace);
+        self
+    }
+
+    /// Whether every request gets a [`ShutdownSignal`](crate::ShutdownSignal)
+    /// in its extensions (off by default).
+    ///
+    /// Handlers that end long-lived work when the drain starts (WebSocket,
+    /// event streams, long-polls, a readiness route) read it, with axum's
+    /// `Extension<ShutdownSignal>`. Rather than turn it on here, add
+    /// [`GracefulLayer`](crate::GracefulLayer) to just those routes
+    /// (`get(ws).layer(graceful.layer())`): under this serve loop the layer
+    /// counts nothing again, and puts the signal in. On every request it
+    /// costs what a first extension costs: allocating the request's
+    /// extension map, about 4% of a hello-world server's throughput on the
+    /// development machine (see the README).
+    pub fn signal_extension(mut self, enabled: bool) -> Self {
+        self.signal_extension = enabled;
+        self
+    }
+
+    /// How long an HTTP/1 connection may take to send a whole request head
+    /// once it is waiting for one (30 s by default, as hyper's
+    /// `header_read_timeout`); `None` turns the limit off.
+    ///
+    /// A connection that sends a head too slowly (a slowloris client), or
+    /// nothing at all, is closed, as is a keep-alive connection that stays
+    /// idle that long, as under hyper's own timeout. hyper arms a timer for
+    /// every request to do this; here one task per serve loop looks at each
+    /// connection four times per timeout, so nothing is spent per request,
+    /// and a connection is closed between the timeout and a quarter more
+    /// after it began to wait. HTTP/2 connections are not limited: their
+    /// clients (gRPC channels) may stay idle as long as they like. Once the
+    /// drain starts, the idle grace and the drain timeout apply instead.
+    pub fn header_read_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.header_read_timeout = timeout.into();
         self
     }
 
@@ -553,6 +603,8 @@ impl<L: Listener, S> Serve<L, S> {
             accepted_info: None,
             configure: self.configure,
             closes_for_good: self.closes_for_good,
+            header_read_timeout: self.header_read_timeout,
+            signal_extension: self.signal_extension,
         }
     }
 }
@@ -570,6 +622,8 @@ impl<L: Listener, S, A: Accept<L::Io>> fmt::Debug for Serve<L, S, A> {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("accepted_info", &self.accepted_info.is_some())
             .field("http_builder", &self.configure.len())
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("signal_extension", &self.signal_extension)
             .finish_non_exhaustive()
     }
 }
@@ -604,13 +658,21 @@ where
                 accepted_info,
                 configure,
                 closes_for_good,
+                header_read_timeout,
+                signal_extension,
             } = self;
             if let Some(close_grace) = close_grace {
                 graceful.set_close_grace(close_grace);
             }
-            let service = GracefulService::new(service, graceful.clone());
             let mut builder = Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new());
+            // hyper's own header read timeout arms a timer for every
+            // request; the watchdog below does its work for all of them.
+            // The timer stays set, so that a `header_read_timeout` set
+            // through `http_builder` works as in hyper.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None);
             // Extended CONNECT (RFC 8441): WebSockets over HTTP/2, as
             // `axum::serve` offers them.
             builder
@@ -620,8 +682,26 @@ where
             for configure in configure {
                 configure(&mut builder);
             }
-            let builder = Arc::new(builder);
-
+            // Looks at every connection a few times per header read
+            // timeout, until the drain starts.
+            let mut watchdog = None;
+            let watched = header_read_timeout.and_then(|timeout| {
+                let watched = Arc::new(Watched::default());
+                match watched.clone().start(timeout) {
+                    Ok(started) => watchdog = Some(started),
+                    Err(e) => {
+                        log!(error, error = %e, "could not start the header read timeout's watchdog; serving without it");
+                        return None;
+                    }
+                }
+                Some(watched)
+            });
+            let settings = Arc::new(ConnSettings {
+                builder,
+                idle_grace,
+                watched,
+                signal_extension,
+            });
             // Each accepted connection runs in a task of its own.
             let connections = graceful.clone();
             let start = move |io: L::Io, peer: L::Addr| {
@@ -633,7 +713,7 @@ where
                 let token = graceful.connection_token();
                 let acceptor = acceptor.clone();
                 let service = service.clone();
-                let builder = builder.clone();
+                let settings = settings.clone();
                 let graceful = graceful.clone();
                 let connect_info = connect_info.clone();
                 let accepted_info = accepted_info.clone();
@@ -642,6 +722,7 @@ where
                 tokio::spawn(async move {
                     let extend = connect_info.map(|make| make(&io, &peer));
                     let handshake = acceptor.accept(io);
+                    let idle_grace = settings.idle_grace;
                     let Some(io) =
                         handshake_within(handshake, &graceful, handshake_timeout, idle_grace).await
                     else {
@@ -651,8 +732,7 @@ where
                         (Some(first), Some(then)) => Some(both(first, then)),
                         (first, then) => first.or(then),
                     };
-                    serve_connection(io, service, extend, builder, graceful, token, idle_grace)
-                        .await;
+                    serve_connection(io, service, extend, &settings, graceful, token).await;
                 });
             };
 
@@ -681,6 +761,8 @@ where
                     }
                 }
             }
+            // The drain's idle grace and deadline take over from here.
+            drop(watchdog);
             // Closing the socket resets every connection still waiting in
             // its backlog: when nothing else will accept them, they are
             // accepted and served through the drain first.
@@ -780,14 +862,22 @@ where
     }
 }
 
+/// What every connection of one serve loop is served with.
+struct ConnSettings {
+    builder: Builder<TokioExecutor>,
+    idle_grace: Duration,
+    /// The slowloris watchdog's, if it runs.
+    watched: Option<Arc<Watched>>,
+    signal_extension: bool,
+}
+
 async fn serve_connection<I, S, B>(
     io: I,
-    service: GracefulService<S>,
+    service: S,
     extend: Option<Extend>,
-    builder: Arc<Builder<TokioExecutor>>,
+    settings: &ConnSettings,
     graceful: Graceful,
     token: ConnectionToken,
-    idle_grace: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -800,23 +890,47 @@ async fn serve_connection<I, S, B>(
     let state = Arc::new(ConnState::default());
     let busy = Arc::new(Busy::default());
     let io = TokioIo::new(ConnIo::new(io, state.clone()));
-    let service = TowerToHyperService::new(CountBusy {
-        inner: service.upgrades_tracked(),
+    let service = ConnService {
+        inner: service,
+        graceful: graceful.clone(),
+        conn: state.clone(),
         busy: busy.clone(),
         extend,
-    });
+        signal_extension: settings.signal_extension,
+    };
+    let idle_grace = settings.idle_grace;
     // Set when the close grace forced the connection for its HTTP/2 tunnels.
     let mut tunnels_forced = false;
     // Driven in a block of its own, so the connection (and with it the IO,
     // unless upgraded) is dropped when the block ends.
     async {
-        let mut conn = pin!(builder.serve_connection_with_upgrades(io, service));
+        let mut conn = pin!(settings.builder.serve_connection_with_upgrades(io, service));
         let mut drain = pin!(graceful.signal().draining());
         let mut forced = pin!(graceful.forced());
+        // The slowloris watchdog, until the drain takes over.
+        let _watched = settings
+            .watched
+            .as_ref()
+            .map(|watched| watched.watch(&busy));
+        let mut expired = pin!(busy.expired());
+        let mut watching = settings.watched.is_some();
 
-        tokio::select! {
-            result = conn.as_mut() => return log_end(result),
-            () = &mut drain => {}
+        loop {
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => return log_end(result),
+                () = &mut drain => break,
+                () = &mut expired, if watching => {
+                    if state.protocol.load(Ordering::Relaxed) == PROTOCOL_H2 {
+                        // HTTP/2 clients (gRPC channels) may stay idle.
+                        busy.exempt();
+                        watching = false;
+                    } else {
+                        log!(debug, "no request head within the header read timeout; closed");
+                        return;
+                    }
+                }
+            }
         }
         if state.protocol.load(Ordering::Relaxed) != PROTOCOL_H2 && busy.is_idle() {
             // An idle HTTP/1 connection (or one that has sent nothing yet):
@@ -897,127 +1011,160 @@ async fn tunnels_outlive_close_grace(graceful: &Graceful, busy: &Busy) {
     }
 }
 
-/// One connection's requests in progress, and whether it has opened an
-/// HTTP/2 tunnel.
-#[derive(Default)]
-struct Busy {
-    count: AtomicUsize,
-    /// An extended CONNECT (RFC 8441) was answered with 2xx: hyper handed
-    /// the stream to the handler, and it may stay open as long as the
-    /// handler keeps it.
-    tunnels: AtomicBool,
-    /// Someone waits in [`idle`](Busy::idle): a release to zero wakes it.
-    /// Only then, so that the common release costs no lock.
-    watched: AtomicBool,
-    became_idle: tokio::sync::Notify,
-}
-
-impl Busy {
-    fn is_idle(&self) -> bool {
-        self.count.load(Ordering::SeqCst) == 0
-    }
-
-    /// Resolves when no request is in progress.
-    async fn idle(&self) {
-        self.watched.store(true, Ordering::SeqCst);
-        loop {
-            let notified = self.became_idle.notified();
-            let mut notified = pin!(notified);
-            // Registered before the count is read: a release in between
-            // still wakes us.
-            notified.as_mut().enable();
-            if self.is_idle() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Counts one connection's requests from `call` until the response body is
-/// dropped, so that the drain can tell a busy HTTP/1 connection from an idle
-/// one. hyper drops a response body as soon as it has written its end (and
-/// at once after a 2xx to a CONNECT, whose stream it hands to the handler).
+/// One connection's hyper service: does for each request what
+/// [`GracefulLayer`](crate::GracefulLayer) does (counts it until its
+/// response body ends, gives it a [`ShutdownSignal`](crate::ShutdownSignal),
+/// `Connection: close` once draining), and also counts it on the
+/// connection, from `call` until the response body is dropped, so that the
+/// drain can tell a busy HTTP/1 connection from an idle one. hyper drops a
+/// response body as soon as it has written its end (and at once after a
+/// 2xx to a CONNECT, whose stream it hands to the handler). It adds the
+/// connection's [`Serve::connect_info`] to each request too.
 ///
-/// Kept out of [`GracefulService`], whose guard stays one pointer for every
-/// other server.
-///
-/// It also adds the connection's [`Serve::connect_info`] to each request.
-#[derive(Clone)]
-struct CountBusy<S> {
+/// As hyper-util's `TowerToHyperService`, it clones the application's
+/// service for each request and calls it once it is ready; nothing of its
+/// own is cloned but the connection's count.
+struct ConnService<S> {
     inner: S,
+    graceful: Graceful,
+    conn: Arc<ConnState>,
     busy: Arc<Busy>,
     extend: Option<Extend>,
+    signal_extension: bool,
 }
 
-struct BusyGuard(Arc<Busy>);
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        let busy = &*self.0;
-        if busy.count.fetch_sub(1, Ordering::SeqCst) == 1 && busy.watched.load(Ordering::SeqCst) {
-            busy.became_idle.notify_waiters();
-        }
-    }
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CountBusy<S>
+impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body,
 {
-    type Response = Response<BusyBody<ResBody>>;
-    type Error = S::Error;
-    type Future = BusyFuture<S::Future>;
+    type Response = Response<BusyBody<TrackedBody<B>>>;
+    type Error = BoxError;
+    type Future = ConnFuture<S>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        self.busy.count.fetch_add(1, Ordering::SeqCst);
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let busy = self.busy.start();
         if let Some(extend) = &self.extend {
             extend(req.extensions_mut());
+        }
+        // hyper offers an upgrade (HTTP/1.1 `Upgrade`, `CONNECT`) only to a
+        // request that asks for one: from now on the IO may go to another
+        // task, which a force must wake.
+        if req
+            .extensions()
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some()
+        {
+            self.conn.may_upgrade.store(true, Ordering::SeqCst);
         }
         // Only HTTP/2 carries `:protocol`, and only with extended CONNECT.
         let tunnel = req.method() == Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some();
-        BusyFuture {
-            inner: self.inner.call(req),
-            guard: Some(BusyGuard(self.busy.clone())),
+        let tracked = track(&self.graceful, self.signal_extension, true, &mut req);
+        let graceful = self.graceful.id();
+        let mut service = self.inner.clone();
+        // HTTP/1: most services (a router, a `service_fn`) are always ready,
+        // so call it now, and the request is not moved into the future and
+        // out again; one that is not is polled again, with the task's
+        // waker. HTTP/2: in the stream's own task, as hyper-util does, so
+        // that the connection's task, which reads every stream's frames,
+        // does not also route every request.
+        let ready = if req.version() < http::Version::HTTP_2 {
+            serving(graceful, || {
+                service.poll_ready(&mut Context::from_waker(Waker::noop()))
+            })
+        } else {
+            Poll::Pending
+        };
+        let state = match ready {
+            Poll::Ready(Ok(())) => CallState::Called {
+                future: ResponseFuture::new(serving(graceful, || service.call(req)), tracked),
+            },
+            Poll::Ready(Err(error)) => CallState::Failed {
+                error: Some(error.into()),
+            },
+            Poll::Pending => CallState::NotReady {
+                service,
+                request: Some((req, tracked)),
+            },
+        };
+        ConnFuture {
+            graceful,
+            state,
+            busy: Some(busy),
             tunnel,
         }
     }
 }
 
 pin_project! {
-    struct BusyFuture<F> {
+    /// The future of one request under [`ConnService`].
+    struct ConnFuture<S: Service<Request<Incoming>>> {
+        // The `Graceful` that counts the request (see `layer::serving`).
+        graceful: usize,
         #[pin]
-        inner: F,
-        guard: Option<BusyGuard>,
+        state: CallState<S, S::Future>,
+        busy: Option<BusyGuard>,
         tunnel: bool,
     }
 }
 
-impl<F, B, E> Future for BusyFuture<F>
+pin_project! {
+    #[project = CallStateProj]
+    enum CallState<S, F> {
+        /// Waiting for the service to be ready.
+        NotReady { service: S, request: Option<(Request<Incoming>, Tracked)> },
+        Called { #[pin] future: ResponseFuture<F> },
+        /// The service said it could not take the request.
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S, B> Future for ConnFuture<S>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body,
 {
-    type Output = Result<Response<BusyBody<B>>, E>;
+    type Output = Result<Response<BusyBody<TrackedBody<B>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = std::task::ready!(this.inner.poll(cx))?;
-        let guard = this.guard.take();
-        if *this.tunnel
-            && response.status().is_success()
-            && let Some(guard) = &guard
-        {
-            guard.0.tunnels.store(true, Ordering::SeqCst);
-        }
-        Poll::Ready(Ok(response.map(|inner| BusyBody {
-            inner,
-            _guard: guard,
-        })))
+        let mut this = self.project();
+        serving(*this.graceful, || {
+            loop {
+                match this.state.as_mut().project() {
+                    CallStateProj::NotReady { service, request } => {
+                        std::task::ready!(service.poll_ready(cx)).map_err(Into::into)?;
+                        let Some((request, tracked)) = request.take() else {
+                            unreachable!("a request is called once, and then the state moves on");
+                        };
+                        let future = ResponseFuture::new(service.call(request), tracked);
+                        this.state.set(CallState::Called { future });
+                    }
+                    CallStateProj::Failed { error } => {
+                        let Some(error) = error.take() else {
+                            unreachable!("a failed request is polled once more at most");
+                        };
+                        return Poll::Ready(Err(error));
+                    }
+                    CallStateProj::Called { future } => {
+                        let response = std::task::ready!(future.poll(cx)).map_err(Into::into)?;
+                        let busy = this.busy.take();
+                        if *this.tunnel
+                            && response.status().is_success()
+                            && let Some(busy) = &busy
+                        {
+                            busy.0.tunnels.store(true, Ordering::SeqCst);
+                        }
+                        return Poll::Ready(Ok(response.map(|inner| BusyBody {
+                            inner,
+                            _guard: busy,
+                        })));
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -1076,6 +1223,10 @@ struct ConnState {
     protocol: AtomicU8,
     /// The close grace forced this (upgraded) connection: IO fails.
     forced: AtomicBool,
+    /// A request on it asked to upgrade (HTTP/1.1 `Upgrade`, `CONNECT`):
+    /// its IO may go to a handler's task, which the force must wake. Until
+    /// then no waker is kept, and a pending read costs no lock.
+    may_upgrade: AtomicBool,
     /// Who to wake when forced: the tasks blocked reading and writing
     /// (the two halves of a split WebSocket may be in different tasks).
     read_waker: Mutex<Option<Waker>>,
@@ -1090,6 +1241,7 @@ impl Default for ConnState {
         Self {
             protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
             forced: AtomicBool::new(false),
+            may_upgrade: AtomicBool::new(false),
             read_waker: Mutex::new(None),
             write_waker: Mutex::new(None),
             upgrade: OnceLock::new(),
@@ -1104,7 +1256,20 @@ impl ConnState {
 
     /// Wakes `slot`'s owner on `force`; then says whether forced already,
     /// so a force between the caller's check and this call is not missed.
+    ///
+    /// Only once a request has asked to upgrade: before that the IO is
+    /// polled by the connection's own task alone, which polls it again
+    /// after forcing it.
+    #[inline]
     fn park(&self, slot: &Mutex<Option<Waker>>, waker: &Waker) -> bool {
+        if !self.may_upgrade.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.park_waker(slot, waker)
+    }
+
+    #[cold]
+    fn park_waker(&self, slot: &Mutex<Option<Waker>>, waker: &Waker) -> bool {
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *slot = Some(waker.clone());

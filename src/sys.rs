@@ -1,15 +1,13 @@
 //! The few system calls that the standard library does not wrap: adopting
 //! inherited fds and checking what they are; in [`spawn`], starting the next
 //! generation with its fds in place; in [`fdpass`], handing fds to a
-//! standby over a Unix socket; in [`count`], the request counter
-//! that is its own reference count; and in `process` (Linux), what a
-//! stable parent does to the generations under it.
+//! standby over a Unix socket; and in `process` (Linux), what a stable
+//! parent does to the generations under it.
 //!
 //! This is the only module of the crate with `unsafe` code; each block says
 //! why it is sound.
 #![allow(unsafe_code)]
 
-pub(crate) mod count;
 pub(crate) mod fdpass;
 #[cfg(target_os = "linux")]
 pub(crate) mod process;
