@@ -4,6 +4,7 @@
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
 //!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
 //!     [--tcp-nodelay on|off] [--stable-parent on|off] [--standby on|off]
+//!     [--control-socket PATH]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -28,6 +29,10 @@
 //! `--standby on` keeps the next generation started and waiting, so that
 //! an upgrade hands it the listening socket without starting a process
 //! (see `Builder::standby`).
+//!
+//! `--control-socket PATH` listens for `upgrade` and `status` requests
+//! there (`handover upgrade PATH` waits for the upgrade's outcome; see
+//! `Builder::control_socket`).
 //!
 //! `--warmup-ms` stands for an application that must warm up (fill caches,
 //! connect to a database) before it can serve: it takes its listener, waits
@@ -62,6 +67,7 @@ struct Args {
     tcp_nodelay: bool,
     stable_parent: bool,
     standby: bool,
+    control_socket: Option<PathBuf>,
 }
 
 fn on_off(flag: &str, v: &str) -> Result<bool, String> {
@@ -88,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
         tcp_nodelay: true,
         stable_parent: false,
         standby: false,
+        control_socket: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -101,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
             "--tcp-nodelay" => args.tcp_nodelay = on_off(&flag, &value)?,
             "--stable-parent" => args.stable_parent = on_off(&flag, &value)?,
             "--standby" => args.standby = on_off(&flag, &value)?,
+            "--control-socket" => args.control_socket = Some(value.into()),
             "--warmup-ms" => {
                 let ms: u64 = value
                     .parse()
@@ -219,6 +227,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .auto_ready(false);
     if let Some(pid_file) = &args.pid_file {
         builder = builder.pid_file(pid_file);
+    }
+    if let Some(path) = &args.control_socket {
+        builder = builder.control_socket(path);
     }
     let handover = builder.from_env()?;
 

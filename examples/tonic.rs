@@ -11,6 +11,12 @@
 //! `UNAVAILABLE`, which gRPC retry policies treat as retryable: a client
 //! calls again with `from_seq` = the last seq + 1 and continues on the new
 //! generation, without a gap.
+//!
+//! It also serves the standard gRPC health service (`grpc.health.v1`,
+//! tonic-health), which answers `NOT_SERVING` from the moment this
+//! generation drains, for the server (`""`) and for `ticker.Ticker`: a
+//! Kubernetes gRPC probe stops routing to a pod that drains, and a
+//! `Watch` stream opened before the drain hears it at once.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -43,8 +49,11 @@ type TickStream = Pin<Box<dyn Stream<Item = Result<Tick, Status>> + Send>>;
 impl Ticker for TickerService {
     async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
         let pid = std::process::id();
+        let HelloRequest { name, delay_ms } = request.into_inner();
+        // A unary call in flight when the drain starts finishes.
+        tokio::time::sleep(Duration::from_millis(delay_ms.min(60_000))).await;
         Ok(Response::new(HelloReply {
-            message: format!("hello {} from {pid}", request.into_inner().name),
+            message: format!("hello {name} from {pid}"),
             pid,
         }))
     }
@@ -119,11 +128,29 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = handover.tcp("grpc", addr)?;
         tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
-        let service = TickerServer::new(TickerService {
-            shutdown: handover.graceful().signal(),
+        let shutdown = handover.graceful().signal();
+        let ticker = TickerServer::new(TickerService {
+            shutdown: shutdown.clone(),
         });
-        // tonic's generated server is a tower service: handover serves it
-        // over HTTP/2 (h2c) and counts every call and stream.
+        // The standard health service: NOT_SERVING once this generation
+        // drains, so that probes send new calls elsewhere.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<TickerServer<TickerService>>().await;
+        tokio::spawn(async move {
+            shutdown.draining().await;
+            health
+                .set_not_serving::<TickerServer<TickerService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            tracing::info!("health: NOT_SERVING");
+        });
+        let service = tonic::service::Routes::new(ticker)
+            .add_service(health_service)
+            .prepare();
+        // tonic's generated servers are tower services: handover serves
+        // them over HTTP/2 (h2c) and counts every call and stream.
         let exit = handover
             .serve(listener, service)
             // What tonic's `Request::remote_addr` reads.

@@ -11,7 +11,8 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum Error {
     /// An inheritance variable (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`,
-    /// `HANDOVER_READY_FD`, `HANDOVER_BOUND_FDNAMES`, `HANDOVER_STANDBY_FD`)
+    /// `HANDOVER_READY_FD`, `HANDOVER_BOUND_FDNAMES`, `HANDOVER_STANDBY_FD`,
+    /// `HANDOVER_GENERATION`)
     /// has a value that cannot be right.
     Env {
         /// The variable.
@@ -98,6 +99,16 @@ pub enum Error {
     Cancelled,
     /// The server is already draining: there is nothing left to upgrade.
     Draining,
+    /// What a server answered on its control socket (see
+    /// [`control`](crate::control)): the request failed there.
+    Control {
+        /// Why, from a small fixed set (see [`Error::reason`]): `child_exited`,
+        /// `ready_timeout`, `in_progress`, …, or `refused` (the peer may not
+        /// ask), `bad_request`, `busy` (too many control connections).
+        reason: String,
+        /// The server's own words.
+        message: String,
+    },
 }
 
 impl Error {
@@ -105,6 +116,30 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// A short, fixed name for what went wrong, for scripts and dashboards
+    /// (never free text): `in_progress`, `container` (an upgrade refused
+    /// where the old generation's exit would end the container),
+    /// `binary`, `child_exited`, `ready_timeout`, `not_ready`, `cancelled`,
+    /// `draining`, `env`, `fd`, `listener`, `io`, or, for an error a
+    /// server answered on its control socket, the reason it gave.
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::Env { .. } => "env",
+            Error::Fd { .. } => "fd",
+            Error::Listener { .. } => "listener",
+            Error::Io { .. } => "io",
+            Error::Binary { .. } => "binary",
+            Error::UpgradeInProgress => "in_progress",
+            Error::Pid1 | Error::InitParent { .. } => "container",
+            Error::ChildExited { .. } => "child_exited",
+            Error::ReadyTimeout { .. } => "ready_timeout",
+            Error::NotReady { .. } => "not_ready",
+            Error::Cancelled => "cancelled",
+            Error::Draining => "draining",
+            Error::Control { reason, .. } => reason,
         }
     }
 }
@@ -152,6 +187,9 @@ impl fmt::Display for Error {
                 f.write_str("upgrade cancelled by shutdown; the new generation was killed")
             }
             Error::Draining => f.write_str("the server is draining; no upgrade"),
+            Error::Control { reason, message } => {
+                write!(f, "the server answered {reason}: {message}")
+            }
         }
     }
 }

@@ -3,19 +3,22 @@
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::net::ToSocketAddrs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use crate::control::{CONTROL_NAME, Controls, LastUpgrade, Status, Upgraded};
 use crate::error::Error;
 use crate::graceful::{DEFAULT_CLOSE_GRACE, DrainReport, Graceful};
 use crate::layer::GracefulLayer;
@@ -93,6 +96,16 @@ struct Inner {
     outcome: Mutex<Option<Outcome>>,
     /// Fires on shutdown: a pending upgrade is called off.
     shutting_down: CancellationToken,
+    /// Where the control socket is, if there is one.
+    control_socket: Option<PathBuf>,
+    /// The control socket's connections: waited for (briefly) before
+    /// `serve` returns, so that the answer to the `upgrade` that ended this
+    /// generation gets out.
+    control_tasks: TaskTracker,
+    /// When this generation started.
+    started_at: SystemTime,
+    /// How the last upgrade went.
+    last_upgrade: Mutex<Option<LastUpgrade>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +155,7 @@ pub struct Builder {
     auto_ready: bool,
     stable_parent: bool,
     standby: bool,
+    control_socket: Option<PathBuf>,
 }
 
 impl Default for Builder {
@@ -161,6 +175,7 @@ impl Default for Builder {
             auto_ready: true,
             stable_parent: false,
             standby: false,
+            control_socket: None,
         }
     }
 }
@@ -281,6 +296,21 @@ impl Builder {
         self
     }
 
+    /// Listens on a control socket at `path`, where a deploy script or
+    /// `systemctl reload` asks for an upgrade and hears its outcome, or
+    /// asks how the server is (see [`control`](crate::control)).
+    ///
+    /// A Unix stream socket, mode 0600, created by the first generation
+    /// when it becomes ready and handed to every next generation like a
+    /// listener, so its path stays valid across upgrades. A socket file
+    /// left by a server that is gone is replaced; one that a live server
+    /// accepts on is an error ([`serve`](Handover::serve) fails with it).
+    /// Only a peer with this process's uid, or root, is answered.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control_socket = Some(path.into());
+        self
+    }
+
     /// Reads the inherited listeners from the environment (see
     /// [`Listeners::from_env`]) and resolves what an upgrade starts: this
     /// binary's path, arguments and working directory, now.
@@ -314,6 +344,10 @@ impl Builder {
                 driver_started: AtomicBool::new(false),
                 outcome: Mutex::new(None),
                 shutting_down: CancellationToken::new(),
+                control_socket: self.control_socket,
+                control_tasks: TaskTracker::new(),
+                started_at: SystemTime::now(),
+                last_upgrade: Mutex::new(None),
             }),
         })
     }
@@ -365,12 +399,38 @@ impl Handover {
         self.inner.listeners.is_inherited_from_previous_generation()
     }
 
+    /// This generation's number: 1 for a fresh start, one more than the
+    /// previous generation's after each upgrade.
+    pub fn generation(&self) -> u64 {
+        self.inner.listeners.generation()
+    }
+
+    /// How this generation is: what the control socket's `status` reports.
+    pub fn status(&self) -> Status {
+        let inner = &*self.inner;
+        let graceful = &inner.graceful;
+        Status {
+            pid: std::process::id(),
+            generation: self.generation(),
+            started_at: inner.started_at,
+            in_flight: graceful.in_flight(),
+            connections: graceful.connections(),
+            upgraded: graceful.upgraded(),
+            draining: graceful.is_draining(),
+            last_upgrade: inner
+                .last_upgrade
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
     /// Says this generation is ready: starts handling the upgrade and
-    /// shutdown signals, tells systemd or a stable parent (`READY=1`,
-    /// `MAINPID=`), tells the previous generation (which then stops
-    /// accepting and drains), closes inherited listeners the application
-    /// did not take, and writes the pid file. Call it within the Tokio
-    /// runtime.
+    /// shutdown signals (and the control socket), tells systemd or a
+    /// stable parent (`READY=1`, `MAINPID=`), writes the pid file, tells
+    /// the previous generation (which then stops accepting and drains), and
+    /// closes inherited listeners the application did not take. Call it
+    /// within the Tokio runtime.
     ///
     /// [`serve`](Handover::serve) calls it when it starts accepting, unless
     /// [`Builder::auto_ready`] is off. Calling it again does nothing.
@@ -407,10 +467,13 @@ impl Handover {
             "READY=1\nMAINPID={}",
             std::process::id()
         )));
-        note(self.inner.listeners.ready());
+        // The pid file too: whoever hears that the upgrade succeeded (a
+        // `handover upgrade` whose answer the previous generation sends
+        // once told) reads the new pid there.
         if let Some(path) = &self.inner.pid_file {
             note(notify::write_pid_file(path));
         }
+        note(self.inner.listeners.ready());
         log!(
             info,
             pid = std::process::id(),
@@ -437,11 +500,24 @@ impl Handover {
         if inner.graceful.is_draining() {
             return Err(Error::Draining);
         }
-        let pid = match inner
+        let at = SystemTime::now();
+        let result = inner
             .upgrader
             .upgrade(&inner.listeners, &inner.shutting_down)
-            .await
-        {
+            .await;
+        // A refusal because one runs already says nothing of how it goes.
+        if !matches!(result, Err(Error::UpgradeInProgress)) {
+            let last = match &result {
+                Ok(pid) => LastUpgrade::Succeeded { pid: *pid, at },
+                Err(e) => LastUpgrade::Failed {
+                    reason: e.reason().to_owned(),
+                    message: e.to_string(),
+                    at,
+                },
+            };
+            *inner.last_upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(last);
+        }
+        let pid = match result {
             Ok(pid) => pid,
             Err(e) => {
                 // The standby may have been used up by the failed attempt.
@@ -561,6 +637,11 @@ impl Handover {
         if self.inner.driver_started.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        if let Err(e) = self.start_control_socket() {
+            // Tried again (and failed again, with the error) by `serve`.
+            self.inner.driver_started.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
         let mut rx = signal_channel(&self.inner.upgrade_signals, &self.inner.shutdown_signals)?;
         let handover = self.clone();
         tokio::spawn(async move {
@@ -582,6 +663,45 @@ impl Handover {
                 }
             }
         });
+        Ok(())
+    }
+
+    /// Takes the control socket (inherited, or bound afresh with mode 0600)
+    /// and answers on it until this generation drains, if there is one.
+    fn start_control_socket(&self) -> Result<(), Error> {
+        let Some(path) = &self.inner.control_socket else {
+            return Ok(());
+        };
+        let listener = self.inner.listeners.unix(CONTROL_NAME, path)?;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            log!(warn, path = %path.display(), error = %e, "could not make the control socket 0600");
+        }
+        let upgrading = self.clone();
+        let status = self.clone();
+        let controls = Controls {
+            upgrade: Box::new(move || {
+                let handover = upgrading.clone();
+                Box::pin(async move {
+                    let started = std::time::Instant::now();
+                    let pid = handover.upgrade().await?;
+                    Ok(Upgraded {
+                        pid,
+                        previous_pid: std::process::id(),
+                        generation: handover.generation() + 1,
+                        took: started.elapsed(),
+                    })
+                })
+            }),
+            status: Box::new(move || status.status()),
+        };
+        let stop = self.inner.graceful.signal().draining();
+        tokio::spawn(crate::control::serve(
+            listener,
+            Arc::new(controls),
+            stop,
+            self.inner.control_tasks.clone(),
+        ));
+        log!(info, path = %path.display(), "control socket ready");
         Ok(())
     }
 
@@ -805,6 +925,10 @@ where
             if let Some(mut standby) = upgrader.discard_standby() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), standby.wait()).await;
             }
+            // The answer to the `upgrade` that ended this generation.
+            let control = &handover.inner.control_tasks;
+            control.close();
+            let _ = tokio::time::timeout(Duration::from_secs(5), control.wait()).await;
             Ok(handover.finish(report))
         })
     }

@@ -101,6 +101,7 @@ macro_rules! log {
     }};
 }
 
+pub mod control;
 mod error;
 mod graceful;
 mod handover;
@@ -117,8 +118,8 @@ mod upgrade;
 pub use error::Error;
 pub use handover::{Builder, DEFAULT_READY_TIMEOUT, Exit, Handover, HandoverServe};
 pub use listener::{
-    BACKLOG, HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, HANDOVER_STANDBY_FD, LISTEN_FDNAMES,
-    LISTEN_FDS, LISTEN_PID, Listeners,
+    BACKLOG, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_READY_FD, HANDOVER_STANDBY_FD,
+    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_PID, Listeners,
 };
 pub use notify::NOTIFY_SOCKET;
 

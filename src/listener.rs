@@ -29,15 +29,20 @@ pub const HANDOVER_BOUND_FDNAMES: &str = "HANDOVER_BOUND_FDNAMES";
 /// listeners and the readiness pipe.
 pub const HANDOVER_STANDBY_FD: &str = "HANDOVER_STANDBY_FD";
 
+/// This generation's number, set by the previous generation to its own
+/// plus one (absent: 1).
+pub const HANDOVER_GENERATION: &str = "HANDOVER_GENERATION";
+
 /// Every variable of the inheritance protocol: removed from the environment
 /// once read, and never passed on as they were to the next generation.
-pub(crate) const INHERITANCE_VARS: [&str; 6] = [
+pub(crate) const INHERITANCE_VARS: [&str; 7] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
     HANDOVER_READY_FD,
     HANDOVER_BOUND_FDNAMES,
     HANDOVER_STANDBY_FD,
+    HANDOVER_GENERATION,
 ];
 
 /// The first inherited fd.
@@ -55,6 +60,8 @@ pub(crate) struct EnvSpec {
     pub(crate) fds: Vec<(RawFd, String)>,
     /// The readiness pipe's write end.
     pub(crate) ready_fd: Option<RawFd>,
+    /// This generation's number (see [`HANDOVER_GENERATION`]).
+    pub(crate) generation: u64,
 }
 
 /// A listener name: 1 to 255 characters, no `:` (the separator of
@@ -170,7 +177,27 @@ pub(crate) fn parse_env(
             Some(fd)
         }
     };
-    Ok(EnvSpec { fds, ready_fd })
+    Ok(EnvSpec {
+        fds,
+        ready_fd,
+        generation: 1,
+    })
+}
+
+/// Parses `HANDOVER_GENERATION`: absent, 1 (a first generation); else a
+/// number from 2 on, which only a previous generation sets.
+pub(crate) fn parse_generation(value: Option<&str>) -> Result<u64, Error> {
+    let Some(value) = value else {
+        return Ok(1);
+    };
+    match value.trim().parse::<u64>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(env_error(
+            HANDOVER_GENERATION,
+            value,
+            "not a generation number (2 or more)",
+        )),
+    }
 }
 
 /// Parses `HANDOVER_BOUND_FDNAMES`: names that must each be an inherited
@@ -221,6 +248,7 @@ struct Active {
 
 struct State {
     from_previous_generation: bool,
+    generation: u64,
     inherited: Vec<Inherited>,
     /// The Unix socket files of the listeners a generation bound (not
     /// systemd's), with their identity: removed on the final shutdown if
@@ -251,6 +279,7 @@ struct State {
 /// | `LISTEN_PID` | when set, must be this process's pid |
 /// | `HANDOVER_READY_FD` | the readiness pipe of a previous generation |
 /// | `HANDOVER_BOUND_FDNAMES` | which of them a previous generation bound itself |
+/// | `HANDOVER_GENERATION` | this generation's number, from 2 on (absent: 1) |
 /// | `HANDOVER_STANDBY_FD` | in a standby ([`Builder::standby`](crate::Builder::standby)): the socket that all of the above will come on |
 ///
 /// In a standby, `from_env` waits, blocking, until the previous generation
@@ -290,6 +319,7 @@ impl Listeners {
             std::process::id(),
         );
         let bound = var(HANDOVER_BOUND_FDNAMES);
+        let generation = var(HANDOVER_GENERATION);
         for name in INHERITANCE_VARS {
             sys::remove_env(name);
         }
@@ -299,7 +329,8 @@ impl Listeners {
             let (spec, bound) = crate::standby::wait_for_upgrade(&standby)?;
             return Self::adopt(spec, &bound);
         }
-        let spec = spec?;
+        let mut spec = spec?;
+        spec.generation = parse_generation(generation.as_deref())?;
         let bound = parse_bound(bound.as_deref(), &spec)?;
         Self::adopt(spec, &bound)
     }
@@ -309,6 +340,7 @@ impl Listeners {
         Self {
             state: Mutex::new(State {
                 from_previous_generation: false,
+                generation: 1,
                 inherited: Vec::new(),
                 active: Vec::new(),
                 socket_files: Vec::new(),
@@ -377,6 +409,7 @@ impl Listeners {
         Ok(Self {
             state: Mutex::new(State {
                 from_previous_generation: ready_pipe.is_some(),
+                generation: spec.generation,
                 inherited,
                 active: Vec::new(),
                 socket_files: Vec::new(),
@@ -392,6 +425,12 @@ impl Listeners {
     /// Whether a previous generation is waiting for this one to be ready.
     pub fn is_inherited_from_previous_generation(&self) -> bool {
         self.lock().from_previous_generation
+    }
+
+    /// This generation's number: 1 for a fresh start, and one more than
+    /// the previous generation's after each upgrade.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
     }
 
     /// Takes the inherited listener for `name`, if there is one, and
@@ -949,6 +988,7 @@ mod tests {
         Listeners {
             state: Mutex::new(State {
                 from_previous_generation: false,
+                generation: 1,
                 inherited,
                 socket_files: Vec::new(),
                 active: Vec::new(),

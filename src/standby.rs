@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::listener::{
-    EnvSpec, HANDOVER_BOUND_FDNAMES, HANDOVER_STANDBY_FD, LISTEN_FDNAMES, LISTEN_FDS, parse_bound,
-    parse_env,
+    EnvSpec, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_STANDBY_FD, LISTEN_FDNAMES,
+    LISTEN_FDS, parse_bound, parse_env, parse_generation,
 };
 use crate::sys;
 
@@ -48,7 +48,8 @@ const MAX_MESSAGE: usize = 64 * 1024;
 
 /// The message that wakes a standby: `MAGIC`, then `KEY=VALUE` lines for
 /// the inheritance variables a fresh successor would get (`LISTEN_FDS`,
-/// `LISTEN_FDNAMES`, `HANDOVER_BOUND_FDNAMES`), after a 4-byte big-endian
+/// `LISTEN_FDNAMES`, `HANDOVER_BOUND_FDNAMES`, `HANDOVER_GENERATION`), after
+/// a 4-byte big-endian
 /// length of all that. The listeners and the readiness pipe go with it as
 /// fds, in that order.
 pub(crate) fn message(vars: &[(&str, String)]) -> Vec<u8> {
@@ -172,19 +173,21 @@ fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>),
     let mut fds = None;
     let mut names = None;
     let mut bound = None;
+    let mut generation = None;
     for line in text.lines() {
         let (key, value) = line.split_once('=').ok_or("a line without '='")?;
         let slot = match key {
             LISTEN_FDS => &mut fds,
             LISTEN_FDNAMES => &mut names,
             HANDOVER_BOUND_FDNAMES => &mut bound,
+            HANDOVER_GENERATION => &mut generation,
             _ => return Err(format!("unknown key {key:?}")),
         };
         if slot.replace(value).is_some() {
             return Err(format!("{key} twice"));
         }
     }
-    let spec = parse_env(
+    let mut spec = parse_env(
         Some(fds.ok_or("no LISTEN_FDS")?),
         names,
         None,
@@ -192,6 +195,7 @@ fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>),
         std::process::id(),
     )
     .map_err(|e| e.to_string())?;
+    spec.generation = parse_generation(generation).map_err(|e| e.to_string())?;
     // The listeners, then the readiness pipe.
     if fd_count != spec.fds.len() + 1 {
         return Err(format!(

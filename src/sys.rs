@@ -200,3 +200,26 @@ pub(crate) fn remove_env(name: &str) {
     // runtime's idle workers do not).
     unsafe { std::env::remove_var(name) }
 }
+
+/// `CLOCK_MONOTONIC` in microseconds: what systemd compares a
+/// `RELOADING=1`'s `MONOTONIC_USEC=` with (`Type=notify-reload`).
+pub(crate) fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes one `timespec` to the pointer, which
+    // points at a live, writable one; CLOCK_MONOTONIC is always supported.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    if result != 0 {
+        return 0;
+    }
+    (now.tv_sec as u64) * 1_000_000 + (now.tv_nsec as u64) / 1_000
+}
+
+/// This process's effective uid: who may use its control socket.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` takes nothing, touches no memory of ours and
+    // cannot fail.
+    unsafe { libc::geteuid() }
+}

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::listener::{
-    HANDOVER_BOUND_FDNAMES, HANDOVER_READY_FD, HANDOVER_STANDBY_FD, INHERITANCE_VARS,
-    LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, Listeners,
+    HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_READY_FD, HANDOVER_STANDBY_FD,
+    INHERITANCE_VARS, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, Listeners,
 };
 use crate::sys::spawn::Child;
 use crate::{notify, standby, sys};
@@ -294,7 +294,11 @@ impl Upgrader {
         // Only the upgrade that holds the slot tells systemd it reloads, and
         // says ready again if it fails (not when a shutdown called it off:
         // systemd has heard STOPPING=1 by then).
-        let _ = notify::sd_notify("RELOADING=1");
+        // With `MONOTONIC_USEC=`, as `Type=notify-reload` requires.
+        let _ = notify::sd_notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            sys::monotonic_usec()
+        ));
         let result = self.start_next(listeners, cancel).await;
         if result
             .as_ref()
@@ -349,11 +353,15 @@ impl Upgrader {
             .map(|(name, _, bound)| (name.as_str(), *bound))
             .collect();
         let count = passed.len();
+        let generation = listeners.generation() + 1;
         // What the child is told of the listeners: a standby in its
         // message, a fresh start in its environment.
         let (vars, env) = match standby {
-            Some(_) => (inheritance_vars(&listed), Vec::new()),
-            None => (Vec::new(), child_env(std::env::vars_os(), &listed)),
+            Some(_) => (inheritance_vars(&listed, generation), Vec::new()),
+            None => (
+                Vec::new(),
+                child_env(std::env::vars_os(), &listed, generation),
+            ),
         };
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
@@ -623,8 +631,9 @@ fn program(
 
 /// The variables that tell the next generation about the listeners
 /// `passed` (each one's name, and whether a generation bound it), in fd
-/// order from 3; a standby receives them in its message instead.
-fn inheritance_vars(passed: &[(&str, bool)]) -> Vec<(&'static str, String)> {
+/// order from 3, and its number, `generation`; a standby receives them in
+/// its message instead.
+fn inheritance_vars(passed: &[(&str, bool)], generation: u64) -> Vec<(&'static str, String)> {
     let names: Vec<&str> = passed.iter().map(|(name, _)| *name).collect();
     let bound: Vec<&str> = passed
         .iter()
@@ -635,6 +644,7 @@ fn inheritance_vars(passed: &[(&str, bool)]) -> Vec<(&'static str, String)> {
         (LISTEN_FDS, passed.len().to_string()),
         (LISTEN_FDNAMES, names.join(":")),
         (HANDOVER_BOUND_FDNAMES, bound.join(":")),
+        (HANDOVER_GENERATION, generation.to_string()),
     ]
 }
 
@@ -652,10 +662,11 @@ fn own_env(ours: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, O
 fn child_env(
     ours: impl Iterator<Item = (OsString, OsString)>,
     passed: &[(&str, bool)],
+    generation: u64,
 ) -> Vec<(OsString, OsString)> {
     let mut env = own_env(ours);
     env.extend(
-        inheritance_vars(passed)
+        inheritance_vars(passed, generation)
             .into_iter()
             .map(|(key, value)| (key.into(), value.into())),
     );
@@ -753,6 +764,7 @@ mod tests {
         let env = child_env(
             ours.into_iter(),
             &[("http", true), ("activated", false), ("admin", true)],
+            4,
         );
         let env: Vec<(String, String)> = env
             .into_iter()
@@ -763,6 +775,7 @@ mod tests {
             ("LISTEN_FDS", "3"),
             ("LISTEN_FDNAMES", "http:activated:admin"),
             ("HANDOVER_BOUND_FDNAMES", "http:admin"),
+            ("HANDOVER_GENERATION", "4"),
             ("HANDOVER_READY_FD", "6"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));

@@ -12,7 +12,9 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use support::tls::{self, Cert};
 use support::websocket::expect_going_away;
-use support::{Deploy, Load, Server, h2_websocket, kill_processes_from, open_events};
+use support::{
+    Deploy, Load, Server, h2_websocket, kill_processes_from, open_events, send_signal, wait_exit,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
@@ -247,6 +249,81 @@ mod ticker {
     include!("../examples/tonic/ticker.rs");
 }
 
+/// The standard health service of the tonic example answers `NOT_SERVING`
+/// from the moment the drain starts (a `Watch` stream opened before hears
+/// it), while a unary call in flight finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonic_example_health_says_not_serving_once_draining_and_calls_in_flight_finish() {
+    timeout(BOUND, async {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+        let server = Server::start_with(Deploy::of("tonic-health", "tonic"), &[], &[]).await;
+        let endpoint = format!("http://{}", server.addr);
+        let channel = tonic::transport::Endpoint::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "ticker.Ticker"] {
+            let answer = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(answer.status(), ServingStatus::Serving, "{service:?}");
+        }
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.status(), ServingStatus::Serving);
+
+        let mut ticker = ticker::ticker_client::TickerClient::new(channel);
+        let slow = {
+            let mut ticker = ticker.clone();
+            tokio::spawn(async move {
+                ticker
+                    .hello(ticker::HelloRequest {
+                        name: "slow".into(),
+                        delay_ms: 1500,
+                    })
+                    .await
+            })
+        };
+        // A quick call after it on the same connection: once answered, the
+        // server has read the slow one's request (HTTP/2 frames arrive in
+        // order) and is running it.
+        let quick = ticker::HelloRequest {
+            name: "quick".into(),
+            delay_ms: 0,
+        };
+        ticker.hello(quick).await.unwrap();
+        assert!(!slow.is_finished());
+        let pid = server.current_pid();
+        send_signal(pid, "TERM");
+        let next = timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("the Watch stream hears the drain at once")
+            .unwrap()
+            .expect("a status before the stream ends");
+        assert_eq!(next.status(), ServingStatus::NotServing);
+        let reply = slow.await.unwrap().expect("the call in flight finishes");
+        assert_eq!(reply.into_inner().pid, pid);
+        server.wait_log("health: NOT_SERVING", 1).await;
+        wait_exit("the server exits", pid).await;
+    })
+    .await
+    .unwrap();
+}
+
 /// Unary `Hello` calls in a loop on one tonic channel until `stop`; returns
 /// (answered, failures, pids seen).
 /// A call the server never processed, so safe to send again (tonic's
@@ -271,6 +348,7 @@ async fn unary_load(
     while !stop.load(Ordering::Relaxed) {
         let request = || ticker::HelloRequest {
             name: "test".into(),
+            delay_ms: 0,
         };
         let mut result = client.hello(request()).await;
         if result.as_ref().is_err_and(never_processed) {

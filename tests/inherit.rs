@@ -89,6 +89,11 @@ async fn malformed_environments_are_clear_errors_not_panics() {
         ),
         (
             "",
+            &[("HANDOVER_GENERATION", "1x")],
+            "HANDOVER_GENERATION=\"1x\": not a generation number (2 or more)",
+        ),
+        (
+            "",
             &[("HANDOVER_STANDBY_FD", "abc")],
             "HANDOVER_STANDBY_FD=\"abc\": not an fd number",
         ),
@@ -180,7 +185,7 @@ async fn systemd_socket_activation_and_notifications() {
         assert_eq!(notify.next().await, format!("READY=1\nMAINPID={first}"));
 
         send_signal(first, "HUP");
-        assert_eq!(notify.next().await, "RELOADING=1");
+        assert_reloading(&notify.next().await);
         let ready = notify.next().await;
         let second: u32 = ready
             .strip_prefix("READY=1\nMAINPID=")
@@ -223,7 +228,7 @@ async fn a_standby_takes_over_a_socket_systemd_passed_and_systemd_hears_it() {
         let standby = standby.unwrap();
 
         send_signal(first, "HUP");
-        assert_eq!(notify.next().await, "RELOADING=1");
+        assert_reloading(&notify.next().await);
         assert_eq!(
             notify.next().await,
             format!("READY=1\nMAINPID={standby}"),
@@ -442,6 +447,29 @@ async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready
     })
     .await
     .unwrap();
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC=` that `Type=notify-reload`
+/// requires: `CLOCK_MONOTONIC` now, in microseconds, which on a machine
+/// that has not been suspended is close to its uptime.
+fn assert_reloading(message: &str) {
+    let usec: u64 = message
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .unwrap_or_else(|| panic!("RELOADING=1 with MONOTONIC_USEC=, got {message:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("a number of microseconds: {message:?}"));
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let uptime_usec = (uptime * 1e6) as u64;
+    assert!(
+        usec > 0 && usec <= uptime_usec + 1_000_000,
+        "MONOTONIC_USEC={usec}, uptime {uptime_usec} µs"
+    );
 }
 
 /// A `NOTIFY_SOCKET` of the test's own, as systemd's: `var` passes it.

@@ -337,18 +337,7 @@ async fn fd_count_of_generation_31_equals_generation_1() {
         for _ in 0..30 {
             pid = server.restart().await;
         }
-        // The pid file a generation replaces is closed on a short-lived
-        // thread of its own, so allow it a moment; a leak never settles.
-        let settled = async {
-            while fd_count(pid) != first_fds {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        };
-        assert!(
-            timeout(Duration::from_secs(5), settled).await.is_ok(),
-            "no fd leaks across 30 hand-overs: {} fds, the first generation had {first_fds}",
-            fd_count(pid)
-        );
+        support::assert_fds_settle(pid, first_fds, 30).await;
         server.stop().await;
     })
     .await

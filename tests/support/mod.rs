@@ -268,6 +268,25 @@ pub fn namespace_pid(pid: u32) -> u32 {
     u32::try_from(*pids.last().unwrap()).unwrap()
 }
 
+/// Waits (5 s at most) until `pid` has `expected` fds open, as generation
+/// `generations` after the one that had them: the pid file a generation
+/// replaces is closed on a short-lived thread of its own, so this allows it
+/// a moment; a leak never settles.
+pub async fn assert_fds_settle(pid: u32, expected: usize, generations: usize) {
+    let settled = async {
+        while fd_count(pid) != expected {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), settled)
+            .await
+            .is_ok(),
+        "no fd leaks across {generations} hand-overs: {} fds, the first generation had {expected}",
+        fd_count(pid)
+    );
+}
+
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()

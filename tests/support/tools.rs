@@ -7,10 +7,11 @@ use std::path::PathBuf;
 
 /// The outside tools the tests run, each with the Debian package that
 /// provides it.
-const TOOLS: [(&str, &str); 7] = [
+const TOOLS: [(&str, &str); 8] = [
     ("curl", "curl"),
     ("systemd-socket-activate", "systemd"),
     ("unshare", "util-linux"),
+    ("setpriv", "util-linux"),
     ("tini", "tini"),
     ("dumb-init", "dumb-init"),
     ("catatonit", "catatonit"),
