@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example axum -- [--addr 127.0.0.1:3001] [--pid-file PATH]
-//!     [--tls-cert CERT.pem --tls-key KEY.pem]
+//!     [--tls-cert CERT.pem --tls-key KEY.pem] [--hand-over-tickets on|off]
+//!     [--ticket-rotation SECS]
 //! ```
 //!
 //! With `--tls-cert` and `--tls-key` it serves HTTPS (HTTP/2 and HTTP/1.1 by
@@ -11,6 +12,14 @@
 //! without dropping a connection; a renewal that left a broken certificate
 //! or key fails the new generation's start-up, and the old generation goes
 //! on serving the old certificate.
+//!
+//! Over HTTPS, its session tickets are encrypted with keys of its own
+//! (`axum/tickets.rs`), rotated every `--ticket-rotation` seconds (6 hours
+//! by default), which each generation hands to the next one
+//! (`Handover::hand_over_state`): a client that reconnects after a restart
+//! resumes its TLS session instead of a full handshake.
+//! `--hand-over-tickets off` makes each generation start with new keys, as
+//! rustls's own ticketer does.
 //!
 //! - `GET /` answers `hello from <pid>`;
 //! - `GET /visits` counts visits to this generation (application state);
@@ -32,8 +41,10 @@
 //!
 //! `kill -HUP <pid>` restarts it; `kill -TERM <pid>` drains and exits.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::convert::Infallible;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,6 +65,11 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_stream::wrappers::IntervalStream;
+
+#[allow(unreachable_pub)]
+#[path = "axum/tickets.rs"]
+mod tickets;
+use tickets::TicketKeys;
 
 #[derive(Default)]
 struct AppState {
@@ -168,8 +184,8 @@ async fn echo_split(socket: WebSocket, shutdown: ShutdownSignal) {
 }
 
 /// A TLS server for the PEM certificate chain and key at these paths,
-/// offering HTTP/2 and HTTP/1.1 by ALPN.
-fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Box<dyn std::error::Error>> {
+/// offering HTTP/2 and HTTP/1.1 by ALPN, without session tickets yet.
+fn tls_config(cert: &Path, key: &Path) -> Result<ServerConfig, Box<dyn std::error::Error>> {
     let read_error = |path: &Path, e| format!("reading {}: {e}", path.display());
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -184,7 +200,27 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Box<dyn std::err
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
+}
+
+/// Session tickets with keys of our own: the ones the previous generation
+/// handed over, if `hand_over` (and it did), and handed to the next one.
+fn session_tickets(
+    handover: &Handover,
+    config: &mut ServerConfig,
+    hand_over: bool,
+    rotate_every: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let handed = handover.take_previous_state().filter(|_| hand_over);
+    let (keys, kept) = TicketKeys::new(rotate_every, handed.as_deref())?;
+    tracing::info!(kept, "session-ticket keys");
+    let keys = Arc::new(keys);
+    if hand_over {
+        let written = keys.clone();
+        handover.hand_over_state(move || Ok(written.write_down()));
+    }
+    config.ticketer = keys;
+    Ok(())
 }
 
 fn app(handover: &Handover) -> Router {
@@ -203,25 +239,7 @@ fn app(handover: &Handover) -> Router {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // A line that cannot be written is dropped. By default the
-        // subscriber would report it with `eprintln!`, which panics when
-        // stderr is a broken pipe too (the log collector died, the SSH
-        // session that started the server ended): serving and upgrades
-        // must go on without logs.
-        .log_internal_errors(false)
-        .init();
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("axum example: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::main_with_logs("axum example", run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -229,6 +247,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut pid_file: Option<PathBuf> = None;
     let mut tls_cert: Option<PathBuf> = None;
     let mut tls_key: Option<PathBuf> = None;
+    let mut hand_over_tickets = true;
+    let mut ticket_rotation = Duration::from_secs(6 * 3600);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -237,6 +257,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--pid-file" => pid_file = Some(value.into()),
             "--tls-cert" => tls_cert = Some(value.into()),
             "--tls-key" => tls_key = Some(value.into()),
+            "--hand-over-tickets" => {
+                hand_over_tickets = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--hand-over-tickets {value}: say on or off").into()),
+                }
+            }
+            "--ticket-rotation" => ticket_rotation = Duration::from_secs(value.parse()?),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
@@ -244,7 +272,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // generation's start-up, and the one before it keeps serving.
     let tls = match (tls_cert, tls_key) {
         (None, None) => None,
-        (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)?),
+        (Some(cert), Some(key)) => Some(tls_config(&cert, &key)?),
         _ => return Err("--tls-cert and --tls-key go together".into()),
     };
     let mut builder = Handover::builder().drain_timeout(Duration::from_secs(10));
@@ -252,6 +280,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         builder = builder.pid_file(path);
     }
     let handover = builder.from_env()?;
+    let tls = match tls {
+        Some(mut config) => {
+            session_tickets(&handover, &mut config, hand_over_tickets, ticket_rotation)?;
+            Some(TlsAcceptor::from(Arc::new(config)))
+        }
+        None => None,
+    };
 
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = handover.tcp("http", addr)?;

@@ -41,7 +41,9 @@
 //!
 //! Operators script against this behaviour: keep it stable.
 
-use std::io::IsTerminal;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -191,28 +193,10 @@ async fn events(
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hello: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::main_with_logs("hello", run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // A line that cannot be written is dropped. By default the
-        // subscriber would report it with `eprintln!`, which panics when
-        // stderr is a broken pipe too (the log collector died, the SSH
-        // session that started the server ended): serving and upgrades
-        // must go on without logs.
-        .log_internal_errors(false)
-        .init();
     let args = parse_args()?;
 
     // Before the runtime's threads exist: reads and clears the inherited

@@ -18,7 +18,9 @@
 //! Kubernetes gRPC probe stops routing to a pod that drains, and a
 //! `Watch` stream opened before the drain hears it at once.
 
-use std::io::IsTerminal;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -86,25 +88,7 @@ impl Ticker for TickerService {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // A line that cannot be written is dropped. By default the
-        // subscriber would report it with `eprintln!`, which panics when
-        // stderr is a broken pipe too (the log collector died, the SSH
-        // session that started the server ended): serving and upgrades
-        // must go on without logs.
-        .log_internal_errors(false)
-        .init();
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tonic example: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::main_with_logs("tonic example", run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

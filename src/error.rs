@@ -99,6 +99,13 @@ pub enum Error {
     Cancelled,
     /// The server is already draining: there is nothing left to upgrade.
     Draining,
+    /// The state to hand to the next generation could not be taken (the
+    /// snapshot failed, panicked, or is over the size limit) or read: the
+    /// upgrade fails, and this generation serves on.
+    State {
+        /// What went wrong.
+        reason: String,
+    },
     /// What a server answered on its control socket (see
     /// [`control`](crate::control)): the request failed there.
     Control {
@@ -123,7 +130,7 @@ impl Error {
     /// (never free text): `in_progress`, `container` (an upgrade refused
     /// where the old generation's exit would end the container),
     /// `binary`, `child_exited`, `ready_timeout`, `not_ready`, `cancelled`,
-    /// `draining`, `env`, `fd`, `listener`, `io`, or, for an error a
+    /// `draining`, `state`, `env`, `fd`, `listener`, `io`, or, for an error a
     /// server answered on its control socket, the reason it gave.
     pub fn reason(&self) -> &str {
         match self {
@@ -139,6 +146,7 @@ impl Error {
             Error::NotReady { .. } => "not_ready",
             Error::Cancelled => "cancelled",
             Error::Draining => "draining",
+            Error::State { .. } => "state",
             Error::Control { reason, .. } => reason,
         }
     }
@@ -187,6 +195,9 @@ impl fmt::Display for Error {
                 f.write_str("upgrade cancelled by shutdown; the new generation was killed")
             }
             Error::Draining => f.write_str("the server is draining; no upgrade"),
+            Error::State { reason } => {
+                write!(f, "handing state to the next generation: {reason}")
+            }
             Error::Control { reason, message } => {
                 write!(f, "the server answered {reason}: {message}")
             }

@@ -22,11 +22,11 @@ use crate::control::{CONTROL_NAME, Controls, LastUpgrade, Status, Upgraded};
 use crate::error::Error;
 use crate::graceful::{DEFAULT_CLOSE_GRACE, DrainReport, Graceful};
 use crate::layer::GracefulLayer;
-use crate::listener::Listeners;
+use crate::listener::{DEFAULT_MAX_STATE_SIZE, Listeners};
 use crate::notify;
 use crate::serve::{Accept, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_GRACE, DefaultAcceptor, Listener};
 use crate::standby::STANDBY_DELAY;
-use crate::upgrade::Upgrader;
+use crate::upgrade::{Snapshot, Upgrader};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -106,7 +106,13 @@ struct Inner {
     started_at: SystemTime,
     /// How the last upgrade went.
     last_upgrade: Mutex<Option<LastUpgrade>>,
+    /// What to hand the next generation (see `hand_over_state`).
+    state_source: Mutex<Option<StateSource>>,
+    max_state_size: usize,
 }
+
+/// Takes the snapshot of state that the next generation receives.
+type StateSource = Arc<dyn Fn() -> Result<Vec<u8>, BoxError> + Send + Sync>;
 
 #[derive(Debug, Clone, Copy)]
 enum Outcome {
@@ -156,6 +162,7 @@ pub struct Builder {
     stable_parent: bool,
     standby: bool,
     control_socket: Option<PathBuf>,
+    max_state_size: usize,
 }
 
 impl Default for Builder {
@@ -176,6 +183,7 @@ impl Default for Builder {
             stable_parent: false,
             standby: false,
             control_socket: None,
+            max_state_size: DEFAULT_MAX_STATE_SIZE,
         }
     }
 }
@@ -311,6 +319,15 @@ impl Builder {
         self
     }
 
+    /// The most state, in bytes, this generation hands to the next one or
+    /// takes from the previous one ([`DEFAULT_MAX_STATE_SIZE`], 1 MiB,
+    /// unless set): a bigger snapshot fails the upgrade (see
+    /// [`Handover::hand_over_state`]).
+    pub fn max_state_size(mut self, bytes: usize) -> Self {
+        self.max_state_size = bytes;
+        self
+    }
+
     /// Reads the inherited listeners from the environment (see
     /// [`Listeners::from_env`]) and resolves what an upgrade starts: this
     /// binary's path, arguments and working directory, now.
@@ -325,7 +342,7 @@ impl Builder {
             let never = crate::keeper::run(self.upgrade_signals, self.shutdown_signals)?;
             match never {}
         }
-        let listeners = Listeners::from_env()?;
+        let listeners = Listeners::from_env_with(self.max_state_size)?;
         let upgrader = Upgrader::from_current_process(self.ready_timeout, self.standby)?;
         let graceful = Graceful::new();
         graceful.set_close_grace(self.close_grace);
@@ -348,6 +365,8 @@ impl Builder {
                 control_tasks: TaskTracker::new(),
                 started_at: SystemTime::now(),
                 last_upgrade: Mutex::new(None),
+                state_source: Mutex::new(None),
+                max_state_size: self.max_state_size,
             }),
         })
     }
@@ -403,6 +422,65 @@ impl Handover {
     /// previous generation's after each upgrade.
     pub fn generation(&self) -> u64 {
         self.inner.listeners.generation()
+    }
+
+    /// Hands state to the next generation: at each upgrade, `snapshot`
+    /// runs once, and the bytes it returns are what the next generation
+    /// reads with [`take_previous_state`](Handover::take_previous_state).
+    /// Call it again to replace the closure.
+    ///
+    /// The bytes cross whole or not at all: they are written to a sealed
+    /// file (a `memfd` on Linux) before the next generation is started or
+    /// woken, and it reads them from there, so a generation that dies
+    /// mid-snapshot starts nobody, and no half-written state is ever read.
+    /// A snapshot that fails, panics, or is bigger than
+    /// [`Builder::max_state_size`] fails the upgrade ([`Error::State`]), and
+    /// this generation serves on. It works with a standby and under a
+    /// stable parent or systemd alike.
+    ///
+    /// Hand over what makes the next generation better at once, not what
+    /// it could not do without: TLS session-ticket keys (so clients resume
+    /// their sessions across a restart), caches, counters. Version the
+    /// format: the next generation may be a newer binary that reads it
+    /// differently, and should take what it does not understand as none.
+    ///
+    /// ```no_run
+    /// # fn run(handover: &handover::Handover) {
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// // Version 1: the count, as 8 bytes.
+    /// let from_previous = handover
+    ///     .take_previous_state()
+    ///     .and_then(|bytes| bytes.strip_prefix(&[1]).map(<[u8]>::to_vec))
+    ///     .and_then(|count| Some(u64::from_be_bytes(count.try_into().ok()?)))
+    ///     .unwrap_or(0);
+    /// let served = Arc::new(AtomicU64::new(from_previous));
+    /// let counted = served.clone();
+    /// handover.hand_over_state(move || {
+    ///     let mut bytes = vec![1];
+    ///     bytes.extend(counted.load(Ordering::SeqCst).to_be_bytes());
+    ///     Ok(bytes)
+    /// });
+    /// # }
+    /// ```
+    pub fn hand_over_state<F>(&self, snapshot: F)
+    where
+        F: Fn() -> Result<Vec<u8>, BoxError> + Send + Sync + 'static,
+    {
+        *self
+            .inner
+            .state_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
+    }
+
+    /// The state the previous generation handed over (see
+    /// [`hand_over_state`](Handover::hand_over_state)), whole: `None` in a
+    /// first generation, when the previous one handed over nothing, or
+    /// once taken.
+    pub fn take_previous_state(&self) -> Option<Vec<u8>> {
+        self.inner.listeners.take_previous_state()
     }
 
     /// How this generation is: what the control socket's `status` reports.
@@ -501,9 +579,17 @@ impl Handover {
             return Err(Error::Draining);
         }
         let at = SystemTime::now();
+        let source = inner
+            .state_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let max = inner.max_state_size;
+        let snapshot = source.map(|source| move || take_snapshot(&source, max));
+        let snapshot: Option<Snapshot<'_>> = snapshot.as_ref().map(|take| take as Snapshot<'_>);
         let result = inner
             .upgrader
-            .upgrade(&inner.listeners, &inner.shutting_down)
+            .upgrade(&inner.listeners, &inner.shutting_down, snapshot)
             .await;
         // A refusal because one runs already says nothing of how it goes.
         if !matches!(result, Err(Error::UpgradeInProgress)) {
@@ -724,6 +810,28 @@ impl Handover {
             }
         }
     }
+}
+
+/// Runs `source` for the next generation's state: its bytes, or why the
+/// upgrade cannot hand them over.
+fn take_snapshot(source: &StateSource, max: usize) -> Result<Vec<u8>, Error> {
+    let reason = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| source())) {
+        Ok(Ok(bytes)) if bytes.len() <= max => return Ok(bytes),
+        Ok(Ok(bytes)) => format!(
+            "the snapshot is {} bytes, more than the limit of {max} (Builder::max_state_size)",
+            bytes.len()
+        ),
+        Ok(Err(e)) => format!("the snapshot failed: {e}"),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            format!("the snapshot panicked: {what}")
+        }
+    };
+    Err(Error::State { reason })
 }
 
 /// Starts handling `upgrade` and `shutdown` signals (within the current

@@ -33,9 +33,18 @@ pub const HANDOVER_STANDBY_FD: &str = "HANDOVER_STANDBY_FD";
 /// plus one (absent: 1).
 pub const HANDOVER_GENERATION: &str = "HANDOVER_GENERATION";
 
+/// The state the previous generation handed over: an fd holding a sealed
+/// snapshot (see [`Handover::hand_over_state`](crate::Handover::hand_over_state)).
+pub const HANDOVER_STATE_FD: &str = "HANDOVER_STATE_FD";
+
+/// The most state a generation hands over or takes, unless
+/// [`Builder::max_state_size`](crate::Builder::max_state_size) says
+/// otherwise: 1 MiB.
+pub const DEFAULT_MAX_STATE_SIZE: usize = 1 << 20;
+
 /// Every variable of the inheritance protocol: removed from the environment
 /// once read, and never passed on as they were to the next generation.
-pub(crate) const INHERITANCE_VARS: [&str; 7] = [
+pub(crate) const INHERITANCE_VARS: [&str; 8] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
@@ -43,6 +52,7 @@ pub(crate) const INHERITANCE_VARS: [&str; 7] = [
     HANDOVER_BOUND_FDNAMES,
     HANDOVER_STANDBY_FD,
     HANDOVER_GENERATION,
+    HANDOVER_STATE_FD,
 ];
 
 /// The first inherited fd.
@@ -62,6 +72,8 @@ pub(crate) struct EnvSpec {
     pub(crate) ready_fd: Option<RawFd>,
     /// This generation's number (see [`HANDOVER_GENERATION`]).
     pub(crate) generation: u64,
+    /// The state snapshot's fd (see [`HANDOVER_STATE_FD`]).
+    pub(crate) state_fd: Option<RawFd>,
 }
 
 /// A listener name: 1 to 255 characters, no `:` (the separator of
@@ -181,6 +193,7 @@ pub(crate) fn parse_env(
         fds,
         ready_fd,
         generation: 1,
+        state_fd: None,
     })
 }
 
@@ -198,6 +211,27 @@ pub(crate) fn parse_generation(value: Option<&str>) -> Result<u64, Error> {
             "not a generation number (2 or more)",
         )),
     }
+}
+
+/// Parses `HANDOVER_STATE_FD`: an fd of its own, after the listeners and
+/// the readiness pipe.
+pub(crate) fn parse_state_fd(value: Option<&str>, spec: &EnvSpec) -> Result<Option<RawFd>, Error> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let fd: RawFd = value
+        .trim()
+        .parse()
+        .map_err(|_| env_error(HANDOVER_STATE_FD, value, "not an fd number"))?;
+    let taken = spec.fds.iter().any(|(listener, _)| *listener == fd) || spec.ready_fd == Some(fd);
+    if fd < LISTEN_FDS_START || taken {
+        return Err(env_error(
+            HANDOVER_STATE_FD,
+            value,
+            "must be an fd of its own, not 0-2, a listener's or the readiness pipe's",
+        ));
+    }
+    Ok(Some(fd))
 }
 
 /// Parses `HANDOVER_BOUND_FDNAMES`: names that must each be an inherited
@@ -249,6 +283,8 @@ struct Active {
 struct State {
     from_previous_generation: bool,
     generation: u64,
+    /// What the previous generation handed over, until taken.
+    previous_state: Option<Vec<u8>>,
     inherited: Vec<Inherited>,
     /// The Unix socket files of the listeners a generation bound (not
     /// systemd's), with their identity: removed on the final shutdown if
@@ -280,6 +316,7 @@ struct State {
 /// | `HANDOVER_READY_FD` | the readiness pipe of a previous generation |
 /// | `HANDOVER_BOUND_FDNAMES` | which of them a previous generation bound itself |
 /// | `HANDOVER_GENERATION` | this generation's number, from 2 on (absent: 1) |
+/// | `HANDOVER_STATE_FD` | a sealed snapshot of the previous generation's state |
 /// | `HANDOVER_STANDBY_FD` | in a standby ([`Builder::standby`](crate::Builder::standby)): the socket that all of the above will come on |
 ///
 /// In a standby, `from_env` waits, blocking, until the previous generation
@@ -309,6 +346,12 @@ impl Listeners {
     /// listening stream socket: the error names the variable or the fd and
     /// says what is wrong. Nothing is bound in its place.
     pub fn from_env() -> Result<Self, Error> {
+        Self::from_env_with(DEFAULT_MAX_STATE_SIZE)
+    }
+
+    /// [`from_env`](Self::from_env), taking at most `max_state` bytes of
+    /// state from the previous generation.
+    pub(crate) fn from_env_with(max_state: usize) -> Result<Self, Error> {
         let var = |name: &str| std::env::var(name).ok();
         let standby = var(HANDOVER_STANDBY_FD);
         let spec = parse_env(
@@ -320,6 +363,7 @@ impl Listeners {
         );
         let bound = var(HANDOVER_BOUND_FDNAMES);
         let generation = var(HANDOVER_GENERATION);
+        let state = var(HANDOVER_STATE_FD);
         for name in INHERITANCE_VARS {
             sys::remove_env(name);
         }
@@ -327,12 +371,13 @@ impl Listeners {
             // A standby's environment has none of the others: all of it
             // comes on the socket.
             let (spec, bound) = crate::standby::wait_for_upgrade(&standby)?;
-            return Self::adopt(spec, &bound);
+            return Self::adopt(spec, &bound, max_state);
         }
         let mut spec = spec?;
         spec.generation = parse_generation(generation.as_deref())?;
+        spec.state_fd = parse_state_fd(state.as_deref(), &spec)?;
         let bound = parse_bound(bound.as_deref(), &spec)?;
-        Self::adopt(spec, &bound)
+        Self::adopt(spec, &bound, max_state)
     }
 
     /// No inherited listeners: every `tcp`/`unix` call binds.
@@ -341,6 +386,7 @@ impl Listeners {
             state: Mutex::new(State {
                 from_previous_generation: false,
                 generation: 1,
+                previous_state: None,
                 inherited: Vec::new(),
                 active: Vec::new(),
                 socket_files: Vec::new(),
@@ -349,7 +395,20 @@ impl Listeners {
         }
     }
 
-    fn adopt(spec: EnvSpec, bound: &[String]) -> Result<Self, Error> {
+    fn adopt(spec: EnvSpec, bound: &[String], max_state: usize) -> Result<Self, Error> {
+        // The state first: an error below must not leave its fd behind.
+        let previous_state = match spec.state_fd {
+            None => None,
+            Some(fd) => {
+                let state_error = |reason: String| Error::Fd {
+                    fd,
+                    name: HANDOVER_STATE_FD.into(),
+                    reason,
+                };
+                let file = sys::adopt(fd).map_err(|e| state_error(e.to_string()))?;
+                Some(sys::read_sealed(file, max_state as u64).map_err(state_error)?)
+            }
+        };
         let mut inherited = Vec::with_capacity(spec.fds.len());
         for (fd, name) in spec.fds {
             let fd_error = |reason: String| Error::Fd {
@@ -410,6 +469,7 @@ impl Listeners {
             state: Mutex::new(State {
                 from_previous_generation: ready_pipe.is_some(),
                 generation: spec.generation,
+                previous_state,
                 inherited,
                 active: Vec::new(),
                 socket_files: Vec::new(),
@@ -431,6 +491,14 @@ impl Listeners {
     /// the previous generation's after each upgrade.
     pub fn generation(&self) -> u64 {
         self.lock().generation
+    }
+
+    /// The state the previous generation handed over, whole (see
+    /// [`Handover::hand_over_state`](crate::Handover::hand_over_state)):
+    /// `None` in a first generation, when the previous one handed over
+    /// none, or once taken.
+    pub fn take_previous_state(&self) -> Option<Vec<u8>> {
+        self.lock().previous_state.take()
     }
 
     /// Takes the inherited listener for `name`, if there is one, and
@@ -989,6 +1057,7 @@ mod tests {
             state: Mutex::new(State {
                 from_previous_generation: false,
                 generation: 1,
+                previous_state: None,
                 inherited,
                 socket_files: Vec::new(),
                 active: Vec::new(),

@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::listener::{
-    EnvSpec, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_STANDBY_FD, LISTEN_FDNAMES,
-    LISTEN_FDS, parse_bound, parse_env, parse_generation,
+    EnvSpec, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_STANDBY_FD, HANDOVER_STATE_FD,
+    LISTEN_FDNAMES, LISTEN_FDS, parse_bound, parse_env, parse_generation, parse_state_fd,
 };
 use crate::sys;
 
@@ -174,6 +174,7 @@ fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>),
     let mut names = None;
     let mut bound = None;
     let mut generation = None;
+    let mut state = None;
     for line in text.lines() {
         let (key, value) = line.split_once('=').ok_or("a line without '='")?;
         let slot = match key {
@@ -181,6 +182,7 @@ fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>),
             LISTEN_FDNAMES => &mut names,
             HANDOVER_BOUND_FDNAMES => &mut bound,
             HANDOVER_GENERATION => &mut generation,
+            HANDOVER_STATE_FD => &mut state,
             _ => return Err(format!("unknown key {key:?}")),
         };
         if slot.replace(value).is_some() {
@@ -196,13 +198,20 @@ fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>),
     )
     .map_err(|e| e.to_string())?;
     spec.generation = parse_generation(generation).map_err(|e| e.to_string())?;
-    // The listeners, then the readiness pipe.
-    if fd_count != spec.fds.len() + 1 {
+    // The listeners, then the readiness pipe, then the state.
+    let state = parse_state_fd(state, &spec).map_err(|e| e.to_string())?;
+    if fd_count != spec.fds.len() + 1 + usize::from(state.is_some()) {
         return Err(format!(
-            "{fd_count} fds came with a message for {} listeners and the readiness pipe",
-            spec.fds.len()
+            "{fd_count} fds came with a message for {} listeners, the readiness pipe{}",
+            spec.fds.len(),
+            if state.is_some() {
+                " and the state"
+            } else {
+                ""
+            }
         ));
     }
+    spec.state_fd = state;
     let bound = parse_bound(bound, &spec).map_err(|e| e.to_string())?;
     Ok((spec, bound))
 }
@@ -215,6 +224,9 @@ fn place(mut spec: EnvSpec, bound: Vec<String>, fds: Vec<OwnedFd>) -> (EnvSpec, 
         *fd = fds.next().expect("counted in parse_message");
     }
     spec.ready_fd = fds.next();
+    if spec.state_fd.is_some() {
+        spec.state_fd = fds.next();
+    }
     (spec, bound)
 }
 

@@ -223,3 +223,93 @@ pub(crate) fn effective_uid() -> u32 {
     // cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// The seals a state snapshot carries: nothing can write it, grow it,
+/// shrink it, or take the seals off, once it is made.
+#[cfg(target_os = "linux")]
+const STATE_SEALS: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A read-only file holding `bytes`, to hand to the next generation: on
+/// Linux a sealed `memfd` (no file on disk, and the receiver can check that
+/// nobody can change it); elsewhere a temporary file, unlinked at once and
+/// opened read-only.
+pub(crate) fn sealed_file(bytes: &[u8]) -> io::Result<OwnedFd> {
+    use std::io::Write;
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: the name is a NUL-terminated string; the flags are valid.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"handover-state".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `memfd_create` just returned this fd, which nothing else
+        // owns.
+        let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.write_all(bytes)?;
+        // SAFETY: F_ADD_SEALS only changes the seals of an fd we own.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, STATE_SEALS) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from(file))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let path = std::env::temp_dir().join(format!(
+            "handover-state-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let read = std::fs::File::open(&path);
+        let _ = std::fs::remove_file(&path);
+        file.write_all(bytes)?;
+        Ok(OwnedFd::from(read?))
+    }
+}
+
+/// The contents of a file made by [`sealed_file`], at most `limit` bytes.
+/// On Linux it must be sealed as `sealed_file` seals it, so that what is
+/// read is what the previous generation wrote, whole.
+pub(crate) fn read_sealed(fd: OwnedFd, limit: u64) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals == -1 {
+            return Err(format!(
+                "it is not a sealed memfd: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        if seals & STATE_SEALS != STATE_SEALS {
+            return Err("its memfd is not sealed against writes and resizing".into());
+        }
+    }
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("it is not a file".into());
+    }
+    if meta.len() > limit {
+        return Err(format!(
+            "it holds {} bytes, more than the limit of {limit}",
+            meta.len()
+        ));
+    }
+    let mut bytes = vec![0; meta.len() as usize];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| format!("reading it: {e}"))?;
+    Ok(bytes)
+}

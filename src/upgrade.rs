@@ -16,8 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Error;
 use crate::listener::{
     HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_READY_FD, HANDOVER_STANDBY_FD,
-    INHERITANCE_VARS, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, Listeners,
+    HANDOVER_STATE_FD, INHERITANCE_VARS, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, Listeners,
 };
+
+/// Takes the snapshot of state to hand to the next generation.
+pub(crate) type Snapshot<'a> = &'a (dyn Fn() -> Result<Vec<u8>, Error> + Send + Sync);
 use crate::sys::spawn::Child;
 use crate::{notify, standby, sys};
 
@@ -285,6 +288,7 @@ impl Upgrader {
         &self,
         listeners: &Listeners,
         cancel: &CancellationToken,
+        snapshot: Option<Snapshot<'_>>,
     ) -> Result<u32, Error> {
         check_parent()?;
         if self.running.swap(true, Ordering::SeqCst) {
@@ -299,7 +303,13 @@ impl Upgrader {
             "RELOADING=1\nMONOTONIC_USEC={}",
             sys::monotonic_usec()
         ));
-        let result = self.start_next(listeners, cancel).await;
+        let result = match state_file(snapshot) {
+            Ok(state) => self.start_next(listeners, cancel, state.as_ref()).await,
+            Err(e) => {
+                log!(error, error = %e, "upgrade failed; this generation keeps serving");
+                Err(e)
+            }
+        };
         if result
             .as_ref()
             .is_err_and(|e| !matches!(e, Error::Cancelled))
@@ -317,16 +327,17 @@ impl Upgrader {
         &self,
         listeners: &Listeners,
         cancel: &CancellationToken,
+        state: Option<&OwnedFd>,
     ) -> Result<u32, Error> {
         self.check_binary()?;
         if let Some(standby) = self.take_standby() {
-            match self.attempt(listeners, cancel, Some(standby)).await {
+            match self.attempt(listeners, cancel, Some(standby), state).await {
                 Err(Attempt::NotTaken) => {}
                 Err(Attempt::Failed(e)) => return Err(e),
                 Ok(pid) => return Ok(pid),
             }
         }
-        match self.attempt(listeners, cancel, None).await {
+        match self.attempt(listeners, cancel, None, state).await {
             Ok(pid) => Ok(pid),
             Err(Attempt::Failed(e)) => Err(e),
             // Only a woken standby leaves the listeners untaken.
@@ -344,6 +355,7 @@ impl Upgrader {
         listeners: &Listeners,
         cancel: &CancellationToken,
         standby: Option<Standby>,
+        state: Option<&OwnedFd>,
     ) -> Result<u32, Attempt> {
         let passed = listeners.for_next_generation()?;
         let (reader, writer) =
@@ -356,15 +368,26 @@ impl Upgrader {
         let generation = listeners.generation() + 1;
         // What the child is told of the listeners: a standby in its
         // message, a fresh start in its environment.
+        let with_state = state.is_some();
         let (vars, env) = match standby {
-            Some(_) => (inheritance_vars(&listed, generation), Vec::new()),
+            Some(_) => (
+                inheritance_vars(&listed, generation, with_state),
+                Vec::new(),
+            ),
             None => (
                 Vec::new(),
-                child_env(std::env::vars_os(), &listed, generation),
+                child_env(std::env::vars_os(), &listed, generation, with_state),
             ),
         };
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
+        if let Some(state) = state {
+            fds.push(
+                state
+                    .try_clone()
+                    .map_err(|e| Error::io("passing the state on", e))?,
+            );
+        }
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
         let (started, socket) = match standby {
@@ -629,23 +652,46 @@ fn program(
         .find(|candidate| is_running(candidate))
 }
 
+/// The state `snapshot` takes, in a sealed file for the next generation
+/// (none without a snapshot).
+fn state_file(snapshot: Option<Snapshot<'_>>) -> Result<Option<OwnedFd>, Error> {
+    let Some(snapshot) = snapshot else {
+        return Ok(None);
+    };
+    let bytes = snapshot()?;
+    let file = sys::sealed_file(&bytes).map_err(|e| Error::State {
+        reason: format!("could not write the snapshot down: {e}"),
+    })?;
+    Ok(Some(file))
+}
+
 /// The variables that tell the next generation about the listeners
 /// `passed` (each one's name, and whether a generation bound it), in fd
-/// order from 3, and its number, `generation`; a standby receives them in
-/// its message instead.
-fn inheritance_vars(passed: &[(&str, bool)], generation: u64) -> Vec<(&'static str, String)> {
+/// order from 3, its number, `generation`, and, `with_state`, where the
+/// state is (after the readiness pipe); a standby receives them in its
+/// message instead.
+fn inheritance_vars(
+    passed: &[(&str, bool)],
+    generation: u64,
+    with_state: bool,
+) -> Vec<(&'static str, String)> {
     let names: Vec<&str> = passed.iter().map(|(name, _)| *name).collect();
     let bound: Vec<&str> = passed
         .iter()
         .filter(|(_, bound)| *bound)
         .map(|(name, _)| *name)
         .collect();
-    vec![
+    let mut vars = vec![
         (LISTEN_FDS, passed.len().to_string()),
         (LISTEN_FDNAMES, names.join(":")),
         (HANDOVER_BOUND_FDNAMES, bound.join(":")),
         (HANDOVER_GENERATION, generation.to_string()),
-    ]
+    ];
+    if with_state {
+        let fd = LISTEN_FDS_START + passed.len() as i32 + 1;
+        vars.push((HANDOVER_STATE_FD, fd.to_string()));
+    }
+    vars
 }
 
 /// This process's environment without the inheritance variables it may
@@ -663,10 +709,11 @@ fn child_env(
     ours: impl Iterator<Item = (OsString, OsString)>,
     passed: &[(&str, bool)],
     generation: u64,
+    with_state: bool,
 ) -> Vec<(OsString, OsString)> {
     let mut env = own_env(ours);
     env.extend(
-        inheritance_vars(passed, generation)
+        inheritance_vars(passed, generation, with_state)
             .into_iter()
             .map(|(key, value)| (key.into(), value.into())),
     );
@@ -765,6 +812,7 @@ mod tests {
             ours.into_iter(),
             &[("http", true), ("activated", false), ("admin", true)],
             4,
+            true,
         );
         let env: Vec<(String, String)> = env
             .into_iter()
@@ -776,6 +824,7 @@ mod tests {
             ("LISTEN_FDNAMES", "http:activated:admin"),
             ("HANDOVER_BOUND_FDNAMES", "http:admin"),
             ("HANDOVER_GENERATION", "4"),
+            ("HANDOVER_STATE_FD", "7"),
             ("HANDOVER_READY_FD", "6"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));

@@ -80,22 +80,10 @@ async fn start(tag: &str, args: &[&str]) -> (Server, PathBuf) {
 
 /// `GET /` answered by the server at `addr`: "hello from <pid>".
 async fn hello_from(addr: std::net::SocketAddr) -> u32 {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut stream,
-        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut response = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut response)
-        .await
-        .unwrap();
-    response
-        .rsplit("hello from ")
-        .next()
+    let body = support::get_body(addr).await;
+    body.strip_prefix("hello from ")
         .and_then(|pid| pid.trim().parse().ok())
-        .unwrap_or_else(|| panic!("not a hello: {response}"))
+        .unwrap_or_else(|| panic!("not a hello: {body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

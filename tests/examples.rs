@@ -137,6 +137,122 @@ async fn presented_certificate(addr: std::net::SocketAddr, trusted: &[&Cert]) ->
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// One HTTPS request (`GET /`, HTTP/1.1) to the axum example at `addr`,
+/// with `connector` (whose config keeps its sessions): whether the TLS
+/// handshake resumed a session, and who answered.
+async fn https_hello(
+    addr: std::net::SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> (bool, u32) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = connector.connect(tls::server_name(), tcp).await.unwrap();
+    let resumed =
+        stream.get_ref().1.handshake_kind() == Some(tokio_rustls::rustls::HandshakeKind::Resumed);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Read to the end: TLS 1.3 session tickets come after the handshake.
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
+    let pid = response
+        .rsplit("hello from ")
+        .next()
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{response}"));
+    (resumed, pid)
+}
+
+/// Session-ticket keys handed to the next generation: each of 20 clients
+/// (rustls, each with its own session cache) that connected to the old
+/// generation resumes its session on the new one, where, with the hand-over
+/// off, none does. `openssl s_client -sess_out`/`-sess_in` sees the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_example_over_tls_clients_resume_their_sessions_across_a_restart() {
+    let openssl = support::tool("openssl");
+    timeout(BOUND, async {
+        const CLIENTS: usize = 20;
+        for hand_over in ["on", "off"] {
+            let cert = Cert::new();
+            let deploy = Deploy::of(&format!("axum-tickets-{hand_over}"), "axum");
+            let dir = deploy.dir.clone();
+            cert.install(&dir);
+            let (cert_pem, key_pem) = (dir.join("cert.pem"), dir.join("key.pem"));
+            let args = [
+                "--tls-cert",
+                cert_pem.to_str().unwrap(),
+                "--tls-key",
+                key_pem.to_str().unwrap(),
+                "--hand-over-tickets",
+                hand_over,
+            ];
+            let server = Server::start_with(deploy, &args, &[]).await;
+            let old = server.current_pid();
+            let clients: Vec<tokio_rustls::TlsConnector> = (0..CLIENTS)
+                .map(|_| {
+                    let config = tls::client_config(&[&cert], &[b"http/1.1"]);
+                    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                })
+                .collect();
+            for client in &clients {
+                assert_eq!(https_hello(server.addr, client).await, (false, old));
+            }
+            let session = dir.join("session.pem");
+            let s_client = |extra: &[&str]| {
+                let mut command = tokio::process::Command::new(&openssl);
+                command
+                    .args(["s_client", "-connect"])
+                    .arg(server.addr.to_string())
+                    .arg("-CAfile")
+                    .arg(&cert_pem)
+                    .args(["-ign_eof"])
+                    .args(extra)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true);
+                async move {
+                    let mut child = command.spawn().unwrap();
+                    let mut stdin = child.stdin.take().unwrap();
+                    stdin
+                        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                        .await
+                        .unwrap();
+                    drop(stdin);
+                    let output = timeout(Duration::from_secs(20), child.wait_with_output())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    String::from_utf8_lossy(&output.stdout).into_owned()
+                }
+            };
+            let first = s_client(&["-sess_out", session.to_str().unwrap()]).await;
+            assert!(first.contains("New, TLSv1.3"), "{first}");
+
+            let new = server.restart().await;
+            let mut resumed = 0;
+            for client in &clients {
+                let (was_resumed, pid) = https_hello(server.addr, client).await;
+                assert_eq!(pid, new);
+                resumed += usize::from(was_resumed);
+            }
+            let again = s_client(&["-sess_in", session.to_str().unwrap()]).await;
+            assert!(again.contains(&format!("hello from {new}")), "{again}");
+            if hand_over == "on" {
+                assert_eq!(resumed, CLIENTS, "every client resumed its session");
+                assert!(again.contains("Reused, TLSv1.3"), "{again}");
+            } else {
+                assert_eq!(resumed, 0, "without the keys, none can");
+                assert!(again.contains("New, TLSv1.3"), "{again}");
+            }
+            server.stop().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// A WebSocket to the axum example's `/ws` over TLS.
 async fn wss(
     addr: std::net::SocketAddr,
@@ -508,6 +624,39 @@ async fn run_bench(name: &str, args: &[&str]) -> String {
         "{name} left a process behind"
     );
     report
+}
+
+/// The TLS resumption benchmark, run end to end on the debug build: with
+/// the session-ticket keys handed over, no client that had a session makes
+/// a full handshake after the restart; without, every one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_resume_bench_reports_no_full_handshake_with_the_hand_over() {
+    let deploy = Deploy::of("tls_resume_bench", "axum");
+    let bench = deploy.dir.join("tls_resume_bench");
+    std::fs::copy(support::example_binary("tls_resume_bench"), &bench).unwrap();
+    let _leftovers = EndLeftovers(&deploy.dir);
+    let run = tokio::process::Command::new(&bench)
+        .args(["--clients", "10", "--rounds", "2", "--axum"])
+        .arg(&deploy.bin)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = timeout(BOUND, run).await.unwrap().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains("hand-over on : full handshakes on reconnection     0 of 10"),
+        "{report}"
+    );
+    assert!(
+        report.contains("hand-over off: full handshakes on reconnection    10 of 10"),
+        "{report}"
+    );
+    assert!(
+        report.contains("CPU with the hand-over / without"),
+        "{report}"
+    );
+    assert!(support::processes_from(&deploy.dir).is_empty());
 }
 
 /// The restart benchmark, run end to end on the debug build. Its timings

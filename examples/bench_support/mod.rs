@@ -129,24 +129,29 @@ pub fn kill(pid: u32, signal: libc::c_int) -> std::io::Result<bool> {
 
 /// `examples/hello` in release mode, built first under `cargo run`.
 pub fn hello_binary() -> Result<PathBuf, String> {
-    // Under `cargo run`, build hello first so the figures are for this code.
+    example_binary("hello")
+}
+
+/// The example `name` in release mode, built first under `cargo run`, so
+/// that the figures are for this code.
+pub fn example_binary(name: &str) -> Result<PathBuf, String> {
     if let Some(cargo) = std::env::var_os("CARGO") {
         let status = std::process::Command::new(cargo)
-            .args(["build", "--release", "--example", "hello"])
+            .args(["build", "--release", "--example", name])
             .status()
             .map_err(|e| format!("cargo build: {e}"))?;
         if !status.success() {
-            return Err("building examples/hello failed".into());
+            return Err(format!("building examples/{name} failed"));
         }
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let hello = exe.with_file_name("hello");
-    if hello.exists() {
-        Ok(hello)
+    let binary = exe.with_file_name(name);
+    if binary.exists() {
+        Ok(binary)
     } else {
         Err(format!(
-            "{} is missing: build it with cargo build --release --example hello",
-            hello.display()
+            "{} is missing: build it with cargo build --release --example {name}",
+            binary.display()
         ))
     }
 }
@@ -174,7 +179,8 @@ pub struct Hello {
 
 impl Hello {
     /// Starts `hello` on a free port with `args`, a pid file in `dir`, and
-    /// `RUST_LOG=warn,hello=info,handover=info`; returns once it is ready.
+    /// `RUST_LOG=warn,hello=info,axum=info,handover=info` (it may be the
+    /// axum example too); returns once it is ready.
     pub async fn start(
         hello: &Path,
         dir: &Path,
@@ -185,7 +191,7 @@ impl Hello {
             .args(["--addr", "127.0.0.1:0", "--pid-file"])
             .arg(&pid_file)
             .args(args)
-            .env("RUST_LOG", "warn,hello=info,handover=info")
+            .env("RUST_LOG", "warn,hello=info,axum=info,handover=info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 /// The outside tools the tests run, each with the Debian package that
 /// provides it.
-const TOOLS: [(&str, &str); 8] = [
+const TOOLS: [(&str, &str); 9] = [
     ("curl", "curl"),
     ("systemd-socket-activate", "systemd"),
     ("unshare", "util-linux"),
     ("setpriv", "util-linux"),
+    ("openssl", "openssl"),
     ("tini", "tini"),
     ("dumb-init", "dumb-init"),
     ("catatonit", "catatonit"),
