@@ -28,6 +28,9 @@
 //! - `POST /echo` sends the request body back;
 //! - `GET /ready` is a readiness probe: 200 while serving, 503 once this
 //!   generation drains (for Kubernetes-style rolling updates);
+//! - `GET /metrics` is what Prometheus scrapes (metrics-exporter-prometheus):
+//!   with handover's `metrics` feature on, the `handover_*` metrics (the
+//!   generation, upgrades, drains: see the crate's `metrics` module);
 //! - `GET /events` is a server-sent event stream (one `tick` a second, its
 //!   `id:` continuing after the `Last-Event-ID` the client sends) that
 //!   watches the [`ShutdownSignal`]: when this generation starts draining,
@@ -60,6 +63,7 @@ use axum::routing::{any, get, post};
 use axum::{Extension, Router};
 use futures_util::{SinkExt, Stream, StreamExt, stream};
 use handover::{Exit, Handover, ShutdownSignal};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -223,9 +227,10 @@ fn session_tickets(
     Ok(())
 }
 
-fn app(handover: &Handover) -> Router {
+fn app(handover: &Handover, prometheus: PrometheusHandle) -> Router {
     Router::new()
         .route("/", get(hello))
+        .route("/metrics", get(move || async move { prometheus.render() }))
         .route("/visits", get(visits))
         .route("/whoami", get(whoami))
         .route("/echo", post(echo))
@@ -242,32 +247,41 @@ fn main() -> std::process::ExitCode {
     common::main_with_logs("axum example", run)
 }
 
+/// A realistic axum application with zero-downtime restarts.
+#[derive(clap::Parser)]
+#[command(name = "axum", version)]
+struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    addr: SocketAddr,
+    /// Write the serving generation's pid here.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Hand the TLS session-ticket keys to the next generation, so that
+    /// clients resume their sessions across a restart.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = common::on_off)]
+    hand_over_tickets: bool,
+    /// Rotate the session-ticket keys every this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 6 * 3600)]
+    ticket_rotation: u64,
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut addr = SocketAddr::from(([127, 0, 0, 1], 3001));
-    let mut pid_file: Option<PathBuf> = None;
-    let mut tls_cert: Option<PathBuf> = None;
-    let mut tls_key: Option<PathBuf> = None;
-    let mut hand_over_tickets = true;
-    let mut ticket_rotation = Duration::from_secs(6 * 3600);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--addr" => addr = value.parse()?,
-            "--pid-file" => pid_file = Some(value.into()),
-            "--tls-cert" => tls_cert = Some(value.into()),
-            "--tls-key" => tls_key = Some(value.into()),
-            "--hand-over-tickets" => {
-                hand_over_tickets = match value.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(format!("--hand-over-tickets {value}: say on or off").into()),
-                }
-            }
-            "--ticket-rotation" => ticket_rotation = Duration::from_secs(value.parse()?),
-            other => return Err(format!("unknown argument {other:?}").into()),
-        }
-    }
+    let Args {
+        addr,
+        pid_file,
+        tls_cert,
+        tls_key,
+        hand_over_tickets,
+        ticket_rotation,
+    } = clap::Parser::parse();
+    let ticket_rotation = Duration::from_secs(ticket_rotation);
     // Read before anything is served: a broken certificate stops this
     // generation's start-up, and the one before it keeps serving.
     let tls = match (tls_cert, tls_key) {
@@ -275,6 +289,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (Some(cert), Some(key)) => Some(tls_config(&cert, &key)?),
         _ => return Err("--tls-cert and --tls-key go together".into()),
     };
+    // Installed before anything records: what `GET /metrics` renders.
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0],
+        )?
+        .install_recorder()?;
     let mut builder = Handover::builder().drain_timeout(Duration::from_secs(10));
     if let Some(path) = pid_file {
         builder = builder.pid_file(path);
@@ -297,7 +318,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "listening"
         );
         let serve = handover
-            .serve(listener, app(&handover))
+            .serve(listener, app(&handover, prometheus))
             // As `into_make_service_with_connect_info` does for `axum::serve`.
             .connect_info(|_, client: &SocketAddr| ConnectInfo(*client));
         let exit = match tls {

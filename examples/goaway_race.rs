@@ -56,30 +56,34 @@ struct Options {
     server: Server,
 }
 
+/// Thousands of drains in one process, under load.
+#[derive(clap::Parser)]
+#[command(name = "goaway_race", version)]
+struct Cli {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 45.0)]
+    seconds: f64,
+    /// A new "generation" every this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5.0)]
+    every_ms: f64,
+    /// The server that drains: handover's serve loop, or hyper-util's
+    /// GracefulShutdown.
+    #[arg(long, default_value = "handover", value_parser = ["handover", "hyper-util"])]
+    server: String,
+}
+
 fn parse() -> Result<Options, String> {
-    let mut o = Options {
-        seconds: 45.0,
-        every: Duration::from_millis(5),
-        server: Server::Handover,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let n = |v: &str| v.parse::<f64>().map_err(|e| format!("{flag} {v}: {e}"));
-        match flag.as_str() {
-            "--seconds" => o.seconds = n(&v)?,
-            "--every-ms" => o.every = Duration::from_secs_f64(n(&v)? / 1e3),
-            "--server" => {
-                o.server = match v.as_str() {
-                    "handover" => Server::Handover,
-                    "hyper-util" => Server::HyperUtil,
-                    _ => return Err(format!("--server {v}: say handover or hyper-util")),
-                }
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(o)
+    let cli = <Cli as clap::Parser>::parse();
+    Ok(Options {
+        seconds: cli.seconds,
+        every: Duration::try_from_secs_f64(cli.every_ms / 1e3)
+            .map_err(|e| format!("--every-ms {}: {e}", cli.every_ms))?,
+        server: if cli.server == "hyper-util" {
+            Server::HyperUtil
+        } else {
+            Server::Handover
+        },
+    })
 }
 
 /// What the clients saw.

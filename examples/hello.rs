@@ -59,68 +59,43 @@ use futures_util::{Stream, StreamExt};
 use handover::{Exit, Handover, ShutdownSignal};
 use tokio_stream::wrappers::IntervalStream;
 
+/// The example server of the README: restart it with `kill -HUP`.
+#[derive(clap::Parser)]
+#[command(name = "hello", version)]
 struct Args {
+    /// The address to listen on (kept across upgrades; a new one is bound
+    /// afresh at the next upgrade).
+    #[arg(long, default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
+    /// Write the serving generation's pid here.
+    #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// The longest a drain may take, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = common::seconds)]
     drain_timeout: Duration,
+    /// How long a new generation has to be ready, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = common::seconds)]
     ready_timeout: Duration,
+    /// How long WebSockets and event streams have to say goodbye once
+    /// draining, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = common::seconds)]
     close_grace: Duration,
-    warmup: Duration,
+    /// Wait this long before saying ready (an application that warms up).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    warmup_ms: u64,
+    /// TCP_NODELAY on accepted connections.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = common::on_off)]
     tcp_nodelay: bool,
+    /// Keep a stable parent where this process's exit would end its
+    /// container (PID 1, under tini or dumb-init).
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = common::on_off)]
     stable_parent: bool,
+    /// Keep the next generation started and waiting.
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = common::on_off)]
     standby: bool,
+    /// Answer `upgrade` and `status` on a control socket here.
+    #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
-}
-
-fn on_off(flag: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("{flag} {v}: say on or off")),
-    }
-}
-
-fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
-    let secs: f64 = v.parse().map_err(|e| format!("{flag} {v}: {e}"))?;
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{flag} {v}: {e}"))
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
-        pid_file: None,
-        drain_timeout: Duration::from_secs(30),
-        ready_timeout: Duration::from_secs(30),
-        close_grace: handover::DEFAULT_CLOSE_GRACE,
-        warmup: Duration::ZERO,
-        tcp_nodelay: true,
-        stable_parent: false,
-        standby: false,
-        control_socket: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--addr" => args.addr = value.parse().map_err(|e| format!("--addr {value}: {e}"))?,
-            "--pid-file" => args.pid_file = Some(value.into()),
-            "--drain-timeout" => args.drain_timeout = seconds(&flag, &value)?,
-            "--ready-timeout" => args.ready_timeout = seconds(&flag, &value)?,
-            "--close-grace" => args.close_grace = seconds(&flag, &value)?,
-            "--tcp-nodelay" => args.tcp_nodelay = on_off(&flag, &value)?,
-            "--stable-parent" => args.stable_parent = on_off(&flag, &value)?,
-            "--standby" => args.standby = on_off(&flag, &value)?,
-            "--control-socket" => args.control_socket = Some(value.into()),
-            "--warmup-ms" => {
-                let ms: u64 = value
-                    .parse()
-                    .map_err(|e| format!("--warmup-ms {value}: {e}"))?;
-                args.warmup = Duration::from_millis(ms);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
 }
 
 async fn hello() -> String {
@@ -197,7 +172,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
+    let warmup = Duration::from_millis(args.warmup_ms);
 
     // Before the runtime's threads exist: reads and clears the inherited
     // listeners' environment.
@@ -228,9 +204,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .route("/sleep/{ms}", get(sleep))
             .route("/ws", get(ws).layer(handover.layer()))
             .route("/events", get(events).layer(handover.layer()));
-        if !args.warmup.is_zero() {
-            tracing::info!(warmup_ms = args.warmup.as_millis() as u64, "warming up");
-            tokio::time::sleep(args.warmup).await;
+        if !warmup.is_zero() {
+            tracing::info!(warmup_ms = args.warmup_ms, "warming up");
+            tokio::time::sleep(warmup).await;
         }
         // Tells the previous generation (which then drains), writes the pid
         // file, notifies systemd. A failure here is logged; serving goes on.

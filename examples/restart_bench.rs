@@ -74,42 +74,53 @@ struct Options {
     rounds: usize,
 }
 
+/// The graceful-aware restart benchmark: what a restart costs the clients.
+#[derive(clap::Parser)]
+#[command(name = "restart_bench", version)]
+struct Cli {
+    /// Seconds of each phase (steady, restarts).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// A SIGHUP every this many milliseconds in the restart phase.
+    #[arg(long, value_name = "MS", default_value_t = 500.0)]
+    every_ms: f64,
+    /// HTTP/1.1 connections of the load.
+    #[arg(long, default_value_t = 16)]
+    h1: usize,
+    /// HTTP/2 connections of the load.
+    #[arg(long, default_value_t = 4)]
+    h2: usize,
+    /// Concurrent streams on each HTTP/2 connection.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Windows of each phase, interleaved (1: the phases one after the other).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Skip the last phase, steady with TCP_NODELAY off.
+    #[arg(long)]
+    no_nagle_phase: bool,
+    /// Run this `hello` instead of building examples/hello in release mode.
+    #[arg(long, value_name = "PATH")]
+    hello: Option<PathBuf>,
+    /// Run hello with a standby (`--standby on`).
+    #[arg(long)]
+    standby: bool,
+}
+
 fn parse() -> Result<Options, String> {
-    let mut o = Options {
-        seconds: 10.0,
-        every: Duration::from_millis(500),
-        h1: 16,
-        h2: 4,
-        streams: 8,
-        nagle_phase: true,
-        hello: None,
-        standby: false,
-        rounds: 5,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--no-nagle-phase" {
-            o.nagle_phase = false;
-            continue;
-        }
-        if flag == "--standby" {
-            o.standby = true;
-            continue;
-        }
-        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let n = |v: &str| v.parse::<f64>().map_err(|e| format!("{flag} {v}: {e}"));
-        match flag.as_str() {
-            "--seconds" => o.seconds = n(&v)?,
-            "--every-ms" => o.every = Duration::from_secs_f64(n(&v)? / 1e3),
-            "--h1" => o.h1 = n(&v)? as usize,
-            "--h2" => o.h2 = n(&v)? as usize,
-            "--streams" => o.streams = n(&v)? as usize,
-            "--rounds" => o.rounds = n(&v)? as usize,
-            "--hello" => o.hello = Some(PathBuf::from(v)),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(o)
+    let cli = <Cli as clap::Parser>::parse();
+    Ok(Options {
+        seconds: cli.seconds,
+        every: Duration::try_from_secs_f64(cli.every_ms / 1e3)
+            .map_err(|e| format!("--every-ms {}: {e}", cli.every_ms))?,
+        h1: cli.h1,
+        h2: cli.h2,
+        streams: cli.streams,
+        nagle_phase: !cli.no_nagle_phase,
+        hello: cli.hello,
+        standby: cli.standby,
+        rounds: cli.rounds,
+    })
 }
 
 /// What each response told us: when, from which pid, how long it took.

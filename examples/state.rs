@@ -73,52 +73,36 @@ impl Counts {
     }
 }
 
+/// State handed to the next generation: a count of requests that
+/// survives restarts.
+#[derive(clap::Parser)]
+#[command(name = "state", version)]
 struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
+    /// Write the serving generation's pid here.
+    #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// Keep the next generation started and waiting.
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = common::on_off)]
     standby: bool,
+    /// Keep a stable parent where this process's exit would end its
+    /// container.
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = common::on_off)]
     stable_parent: bool,
+    /// The most state to hand over or take, in bytes (1 MiB by default).
+    #[arg(long, value_name = "BYTES")]
     max_state_size: Option<usize>,
+    /// Make each snapshot this many bytes bigger.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pad: usize,
+    /// Make the snapshot panic.
+    #[arg(long, value_name = "on|off", default_value = "off", action = clap::ArgAction::Set, value_parser = common::on_off)]
     panic_in_snapshot: bool,
-    snapshot_delay: Duration,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
-        pid_file: None,
-        standby: false,
-        stable_parent: false,
-        max_state_size: None,
-        pad: 0,
-        panic_in_snapshot: false,
-        snapshot_delay: Duration::ZERO,
-    };
-    let on_off = |flag: &str, v: &str| match v {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("{flag} {v}: say on or off")),
-    };
-    let number = |flag: &str, v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--addr" => args.addr = value.parse().map_err(|e| format!("--addr {value}: {e}"))?,
-            "--pid-file" => args.pid_file = Some(value.into()),
-            "--standby" => args.standby = on_off(&flag, &value)?,
-            "--stable-parent" => args.stable_parent = on_off(&flag, &value)?,
-            "--max-state-size" => args.max_state_size = Some(number(&flag, &value)?),
-            "--pad" => args.pad = number(&flag, &value)?,
-            "--panic-in-snapshot" => args.panic_in_snapshot = on_off(&flag, &value)?,
-            "--snapshot-delay-ms" => {
-                args.snapshot_delay = Duration::from_millis(number(&flag, &value)? as u64)
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(args)
+    /// Make the snapshot take this long.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    snapshot_delay_ms: u64,
 }
 
 async fn count(State(counts): State<Arc<Mutex<Counts>>>) -> String {
@@ -138,7 +122,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let mut builder = Handover::builder()
         .ready_timeout(Duration::from_secs(5))
         .standby(args.standby)
@@ -172,7 +156,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let counts = Arc::new(Mutex::new(counts));
 
     let snapshot = counts.clone();
-    let (pad, panic, delay) = (args.pad, args.panic_in_snapshot, args.snapshot_delay);
+    let (pad, panic) = (args.pad, args.panic_in_snapshot);
+    let delay = Duration::from_millis(args.snapshot_delay_ms);
     handover.hand_over_state(move || {
         if panic {
             panic!("the snapshot panics, as asked");

@@ -35,27 +35,29 @@ struct Options {
     axum: Option<std::path::PathBuf>,
 }
 
+/// TLS handshakes across a restart, with and without the session-ticket
+/// keys handed over.
+#[derive(clap::Parser)]
+#[command(name = "tls_resume_bench", version)]
+struct Cli {
+    /// Clients, each with a session, that reconnect after the restart.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    clients: u64,
+    /// Rounds for each server.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Run this axum example instead of building it in release mode.
+    #[arg(long, value_name = "PATH")]
+    axum: Option<std::path::PathBuf>,
+}
+
 fn parse() -> Result<Options, String> {
-    let mut o = Options {
-        clients: 100,
-        rounds: 5,
-        axum: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or(format!("{flag} needs a value"))?;
-        let number = || -> Result<usize, String> {
-            let n: usize = value.parse().map_err(|e| format!("{flag} {value}: {e}"))?;
-            Ok(n.max(1))
-        };
-        match flag.as_str() {
-            "--clients" => o.clients = number()?,
-            "--rounds" => o.rounds = number()?,
-            "--axum" => o.axum = Some(value.into()),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(o)
+    let cli = <Cli as clap::Parser>::parse();
+    Ok(Options {
+        clients: cli.clients as usize,
+        rounds: cli.rounds as usize,
+        axum: cli.axum,
+    })
 }
 
 /// CPU time of every thread of `pid` so far, in nanoseconds

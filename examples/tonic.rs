@@ -91,18 +91,20 @@ fn main() -> std::process::ExitCode {
     common::main_with_logs("tonic example", run)
 }
 
+/// A tonic gRPC service with zero-downtime restarts.
+#[derive(clap::Parser)]
+#[command(name = "tonic", version)]
+struct Args {
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: SocketAddr,
+    /// Write the serving generation's pid here.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut addr = SocketAddr::from(([127, 0, 0, 1], 50051));
-    let mut pid_file: Option<PathBuf> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--addr" => addr = value.parse()?,
-            "--pid-file" => pid_file = Some(value.into()),
-            other => return Err(format!("unknown argument {other:?}").into()),
-        }
-    }
+    let Args { addr, pid_file } = clap::Parser::parse();
     let mut builder = Handover::builder().drain_timeout(Duration::from_secs(10));
     if let Some(path) = pid_file {
         builder = builder.pid_file(path);

@@ -40,24 +40,28 @@ struct Options {
     hello: Option<PathBuf>,
 }
 
+/// Drain time and memory with open WebSockets.
+#[derive(clap::Parser)]
+#[command(name = "ws_bench", version)]
+struct Cli {
+    /// WebSockets to open.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// The server's close grace, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    close_grace: f64,
+    /// Run this `hello` instead of building examples/hello in release mode.
+    #[arg(long, value_name = "PATH")]
+    hello: Option<PathBuf>,
+}
+
 fn parse() -> Result<Options, String> {
-    let mut o = Options {
-        connections: 1000,
-        close_grace: 1.0,
-        hello: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
-        match flag.as_str() {
-            "--connections" => o.connections = value.parse().map_err(|e| bad(&e))?,
-            "--close-grace" => o.close_grace = value.parse().map_err(|e| bad(&e))?,
-            "--hello" => o.hello = Some(PathBuf::from(value)),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(o)
+    let cli = <Cli as clap::Parser>::parse();
+    Ok(Options {
+        connections: cli.connections,
+        close_grace: cli.close_grace,
+        hello: cli.hello,
+    })
 }
 
 /// Opens `n` WebSockets to `hello`, 50 at a time, each checked by an echo.

@@ -352,6 +352,7 @@ impl Graceful {
             upgraded_forced: shared.upgraded_forced.load(Ordering::SeqCst),
             elapsed: Instant::now().saturating_duration_since(started),
         };
+        crate::metrics::drained(report.counts(), report.elapsed);
         log!(
             info,
             requests_finished = report.requests_finished,
@@ -865,6 +866,16 @@ pub struct DrainReport {
 }
 
 impl DrainReport {
+    /// Requests, connections and upgraded connections, each (finished,
+    /// forced).
+    pub(crate) fn counts(&self) -> [(usize, usize); 3] {
+        [
+            (self.requests_finished, self.requests_forced),
+            (self.connections_finished, self.connections_forced),
+            (self.upgraded_finished, self.upgraded_forced),
+        ]
+    }
+
     /// `true` when nothing had to be forced.
     pub fn is_clean(&self) -> bool {
         self.requests_forced == 0 && self.connections_forced == 0 && self.upgraded_forced == 0

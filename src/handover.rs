@@ -109,6 +109,8 @@ struct Inner {
     /// What to hand the next generation (see `hand_over_state`).
     state_source: Mutex<Option<StateSource>>,
     max_state_size: usize,
+    /// How long the upgrade that handed over took.
+    upgrade_took: Mutex<Option<Duration>>,
 }
 
 /// Takes the snapshot of state that the next generation receives.
@@ -346,6 +348,7 @@ impl Builder {
         let upgrader = Upgrader::from_current_process(self.ready_timeout, self.standby)?;
         let graceful = Graceful::new();
         graceful.set_close_grace(self.close_grace);
+        crate::metrics::describe();
         Ok(Handover {
             inner: Arc::new(Inner {
                 listeners,
@@ -367,6 +370,7 @@ impl Builder {
                 last_upgrade: Mutex::new(None),
                 state_source: Mutex::new(None),
                 max_state_size: self.max_state_size,
+                upgrade_took: Mutex::new(None),
             }),
         })
     }
@@ -558,6 +562,12 @@ impl Handover {
             upgraded = self.is_upgrade(),
             "ready"
         );
+        crate::metrics::describe();
+        crate::metrics::generation(self.generation());
+        if self.is_upgrade() {
+            crate::metrics::upgrade("ready");
+        }
+        self.hear_the_previous_drain();
         self.schedule_standby();
         first_error.map_or(Ok(()), Err)
     }
@@ -579,6 +589,7 @@ impl Handover {
             return Err(Error::Draining);
         }
         let at = SystemTime::now();
+        let started = std::time::Instant::now();
         let source = inner
             .state_source
             .lock()
@@ -591,6 +602,15 @@ impl Handover {
             .upgrader
             .upgrade(&inner.listeners, &inner.shutting_down, snapshot)
             .await;
+        match &result {
+            // The new generation counts its own success (this process
+            // ends, and its metrics with it).
+            Ok(_) => {
+                *inner.upgrade_took.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(started.elapsed());
+            }
+            Err(e) => crate::metrics::upgrade(e.reason()),
+        }
         // A refusal because one runs already says nothing of how it goes.
         if !matches!(result, Err(Error::UpgradeInProgress)) {
             let last = match &result {
@@ -615,6 +635,44 @@ impl Handover {
         log!(info, new_pid = pid, "handed over; draining this generation");
         inner.graceful.start_drain();
         Ok(pid)
+    }
+
+    /// Once ready as an upgrade: hears, in the background, how the previous
+    /// generation's drain went (and how long the upgrade took), logs it and
+    /// records it in the metrics.
+    fn hear_the_previous_drain(&self) {
+        let Some(channel) = self.inner.listeners.take_report_channel() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let channel = std::os::unix::net::UnixStream::from(channel);
+            let Ok(channel) = channel
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(channel))
+            else {
+                return;
+            };
+            // One line, at the previous generation's exit (end of file if
+            // it died first).
+            let mut line = Vec::new();
+            let mut reader = tokio::io::AsyncReadExt::take(channel, 1024);
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut line).await;
+            let Some((took, report)) = std::str::from_utf8(&line).ok().and_then(parse_drain_report)
+            else {
+                return;
+            };
+            log!(
+                info,
+                upgrade_ms = took.as_secs_f64() * 1e3,
+                %report,
+                "the previous generation has drained"
+            );
+            crate::metrics::upgrade_took(took);
+            crate::metrics::drained(report.counts(), report.elapsed);
+        });
     }
 
     /// Starts a standby [`STANDBY_DELAY`] from now, if this process keeps
@@ -791,6 +849,26 @@ impl Handover {
         Ok(())
     }
 
+    /// After a hand-over, tells the new generation how this one drained,
+    /// on its readiness channel (which closes with it).
+    fn tell_the_next_generation(&self, exit: &Exit) {
+        let Exit::HandedOver { report, .. } = exit else {
+            return;
+        };
+        let Some(mut channel) = self.inner.upgrader.take_report_channel() else {
+            return;
+        };
+        let took = self
+            .inner
+            .upgrade_took
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_default();
+        let line = drain_report_line(took, report);
+        let _ = channel.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = std::io::Write::write_all(&mut channel, line.as_bytes());
+    }
+
     fn finish(&self, report: DrainReport) -> Exit {
         let outcome = *self.inner.outcome.lock().unwrap_or_else(|e| e.into_inner());
         match outcome {
@@ -810,6 +888,53 @@ impl Handover {
             }
         }
     }
+}
+
+/// What a generation that handed over tells the new one once drained:
+/// how long the upgrade took, and its drain report.
+fn drain_report_line(took: Duration, report: &DrainReport) -> String {
+    format!(
+        "DRAINED upgrade_ms={:.3} drain_ms={:.3} requests_finished={} requests_forced={} \
+         connections_finished={} connections_forced={} upgraded_finished={} upgraded_forced={}\n",
+        took.as_secs_f64() * 1e3,
+        report.elapsed.as_secs_f64() * 1e3,
+        report.requests_finished,
+        report.requests_forced,
+        report.connections_finished,
+        report.connections_forced,
+        report.upgraded_finished,
+        report.upgraded_forced,
+    )
+}
+
+/// The other side of [`drain_report_line`]; `None` if it is not one.
+fn parse_drain_report(line: &str) -> Option<(Duration, DrainReport)> {
+    let fields = line.trim_end().strip_prefix("DRAINED ")?;
+    let mut report = DrainReport::default();
+    let mut took = Duration::ZERO;
+    let ms = |value: &str| {
+        value
+            .parse::<f64>()
+            .ok()
+            .and_then(|ms| Duration::try_from_secs_f64(ms / 1e3).ok())
+    };
+    for field in fields.split(' ') {
+        let (key, value) = field.split_once('=')?;
+        let count = || value.parse::<usize>().ok();
+        match key {
+            "upgrade_ms" => took = ms(value)?,
+            "drain_ms" => report.elapsed = ms(value)?,
+            "requests_finished" => report.requests_finished = count()?,
+            "requests_forced" => report.requests_forced = count()?,
+            "connections_finished" => report.connections_finished = count()?,
+            "connections_forced" => report.connections_forced = count()?,
+            "upgraded_finished" => report.upgraded_finished = count()?,
+            "upgraded_forced" => report.upgraded_forced = count()?,
+            // A newer generation's: not ours to read.
+            _ => {}
+        }
+    }
+    Some((took, report))
 }
 
 /// Runs `source` for the next generation's state: its bytes, or why the
@@ -1037,7 +1162,36 @@ where
             let control = &handover.inner.control_tasks;
             control.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), control.wait()).await;
-            Ok(handover.finish(report))
+            let exit = handover.finish(report);
+            handover.tell_the_next_generation(&exit);
+            Ok(exit)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_report_reads_back_and_a_line_that_is_not_one_does_not() {
+        let report = DrainReport {
+            requests_finished: 7,
+            requests_forced: 1,
+            connections_finished: 5,
+            connections_forced: 2,
+            upgraded_finished: 3,
+            upgraded_forced: 4,
+            elapsed: Duration::from_millis(1500),
+        };
+        let took = Duration::from_micros(3_210);
+        let line = drain_report_line(took, &report);
+        assert_eq!(parse_drain_report(&line), Some((took, report)));
+        // A newer generation's extra keys are passed over.
+        let newer = line.replace("DRAINED ", "DRAINED extra=1 ");
+        assert_eq!(parse_drain_report(&newer), Some((took, report)));
+        assert_eq!(parse_drain_report("READY=12\n"), None);
+        assert_eq!(parse_drain_report("DRAINED drain_ms=x"), None);
+        assert_eq!(parse_drain_report("DRAINED requests_finished"), None);
     }
 }

@@ -83,6 +83,7 @@
 //! [hyper]: https://docs.rs/hyper
 #![cfg(unix)]
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// Emits a `tracing` event that cannot unwind into handover's own code.
 ///
@@ -109,6 +110,7 @@ mod handover;
 mod keeper;
 mod layer;
 mod listener;
+pub mod metrics;
 mod notify;
 mod serve;
 mod standby;

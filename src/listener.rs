@@ -19,7 +19,9 @@ pub const LISTEN_FDS: &str = "LISTEN_FDS";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// The pid the inherited listeners are meant for, when set.
 pub const LISTEN_PID: &str = "LISTEN_PID";
-/// The write end of the readiness pipe, set by a previous generation.
+/// The readiness channel, set by a previous generation: the new generation
+/// writes `READY=<pid>` on it; the previous one, once drained, says how
+/// its drain went.
 pub const HANDOVER_READY_FD: &str = "HANDOVER_READY_FD";
 /// `:`-separated names of the inherited listeners that a previous
 /// generation bound itself (not systemd's): those follow a changed address.
@@ -285,6 +287,8 @@ struct State {
     generation: u64,
     /// What the previous generation handed over, until taken.
     previous_state: Option<Vec<u8>>,
+    /// Where the previous generation's drain report comes, once ready.
+    report_from: Option<OwnedFd>,
     inherited: Vec<Inherited>,
     /// The Unix socket files of the listeners a generation bound (not
     /// systemd's), with their identity: removed on the final shutdown if
@@ -387,6 +391,7 @@ impl Listeners {
                 from_previous_generation: false,
                 generation: 1,
                 previous_state: None,
+                report_from: None,
                 inherited: Vec::new(),
                 active: Vec::new(),
                 socket_files: Vec::new(),
@@ -442,9 +447,13 @@ impl Listeners {
                     name: HANDOVER_READY_FD.into(),
                     reason: e.to_string(),
                 })?;
-                let reason = match sys::is_pipe(pipe.as_fd()) {
+                // A Unix socket (which carries the drain report back), or
+                // a pipe (from a generation of an older version).
+                let kind = sys::is_socket(pipe.as_fd())
+                    .and_then(|socket| Ok(socket || sys::is_pipe(pipe.as_fd())?));
+                let reason = match kind {
                     Ok(true) => None,
-                    Ok(false) => Some("it is not a pipe".to_owned()),
+                    Ok(false) => Some("it is not a socket or a pipe".to_owned()),
                     Err(e) => Some(format!("it could not be inspected: {e}")),
                 };
                 if let Some(reason) = reason {
@@ -470,6 +479,7 @@ impl Listeners {
                 from_previous_generation: ready_pipe.is_some(),
                 generation: spec.generation,
                 previous_state,
+                report_from: None,
                 inherited,
                 active: Vec::new(),
                 socket_files: Vec::new(),
@@ -730,8 +740,20 @@ impl Listeners {
             let message = format!("READY={}\n", std::process::id());
             pipe.write_all(message.as_bytes())
                 .map_err(|e| Error::io("telling the previous generation we are ready", e))?;
+            // A socket: the previous generation says on it how its drain
+            // went.
+            if sys::is_socket(pipe.as_fd()).unwrap_or(false) {
+                state.report_from = Some(OwnedFd::from(pipe));
+            }
         }
         Ok(())
+    }
+
+    /// The channel on which the previous generation says how its drain
+    /// went, once this generation is ready (see
+    /// [`ready`](Self::ready)); `None` in a first generation.
+    pub(crate) fn take_report_channel(&self) -> Option<OwnedFd> {
+        self.lock().report_from.take()
     }
 
     /// On the final shutdown: closes this process's copies of every
@@ -1058,6 +1080,7 @@ mod tests {
                 from_previous_generation: false,
                 generation: 1,
                 previous_state: None,
+                report_from: None,
                 inherited,
                 socket_files: Vec::new(),
                 active: Vec::new(),

@@ -702,6 +702,18 @@ where
                 watched,
                 signal_extension,
             });
+            // With metrics, the gauges of what is open, once a second.
+            #[cfg(feature = "metrics")]
+            let gauges = {
+                let graceful = graceful.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    let mut every = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        every.tick().await;
+                        sample_gauges(&graceful);
+                    }
+                }))
+            };
             // Each accepted connection runs in a task of its own.
             let connections = graceful.clone();
             let start = move |io: L::Io, peer: L::Addr| {
@@ -782,7 +794,13 @@ where
                 in_flight = graceful.in_flight(),
                 "stopped accepting; draining"
             );
-            Ok(graceful.drain(drain_timeout).await)
+            let report = graceful.drain(drain_timeout).await;
+            #[cfg(feature = "metrics")]
+            {
+                drop(gauges);
+                sample_gauges(&graceful);
+            }
+            Ok(report)
         })
     }
 }
@@ -799,6 +817,27 @@ fn accept_now<L: Listener>(listener: &mut L) -> Option<io::Result<(L::Io, L::Add
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Sets the metrics' gauges from `graceful`'s counts.
+#[cfg(feature = "metrics")]
+fn sample_gauges(graceful: &Graceful) {
+    crate::metrics::gauges(
+        graceful.in_flight(),
+        graceful.connections(),
+        graceful.upgraded(),
+    );
+}
+
+/// Aborts a task when dropped: it ends with the serve loop.
+#[cfg(feature = "metrics")]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+#[cfg(feature = "metrics")]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Errors that concern one connection only: skip it and accept the next.
 fn is_connection_error(e: &io::Error) -> bool {

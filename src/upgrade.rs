@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +50,8 @@ pub(crate) struct Upgrader {
     /// Set once a next generation has said it is ready (before the upgrade
     /// stops counting as running).
     handed_over: AtomicBool,
+    /// That generation's readiness channel, for the drain report.
+    report_to: Mutex<Option<UnixStream>>,
 }
 
 /// A standby this process started: the next generation, waiting in
@@ -108,6 +109,7 @@ impl Upgrader {
             standby: Mutex::new(None),
             retired: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
+            report_to: Mutex::new(None),
         })
     }
 
@@ -358,8 +360,10 @@ impl Upgrader {
         state: Option<&OwnedFd>,
     ) -> Result<u32, Attempt> {
         let passed = listeners.for_next_generation()?;
+        // The readiness channel: the child says READY on it, and, once this
+        // generation has drained, hears how the drain went.
         let (reader, writer) =
-            std::io::pipe().map_err(|e| Error::io("creating the readiness pipe", e))?;
+            UnixStream::pair().map_err(|e| Error::io("creating the readiness channel", e))?;
         let listed: Vec<(&str, bool)> = passed
             .iter()
             .map(|(name, _, bound)| (name.as_str(), *bound))
@@ -423,11 +427,10 @@ impl Upgrader {
         })?;
         let pid = child.id();
 
-        let result = self
-            .wait_ready(&mut child, pid, OwnedFd::from(reader), cancel)
-            .await;
+        let result = self.wait_ready(&mut child, pid, reader, cancel).await;
         match result {
-            Ok(()) => {
+            Ok(channel) => {
+                *self.report_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(channel);
                 self.handed_over.store(true, Ordering::SeqCst);
                 self.retired.store(true, Ordering::SeqCst);
                 log!(info, pid, "upgrade: the next generation is ready");
@@ -450,29 +453,51 @@ impl Upgrader {
         }
     }
 
+    /// Waits for `READY=` on the readiness channel (`reader`); returns the
+    /// channel, on which the drain report goes later.
     async fn wait_ready(
         &self,
         child: &mut Child,
         pid: u32,
-        reader: OwnedFd,
+        reader: UnixStream,
         cancel: &CancellationToken,
-    ) -> Result<(), Error> {
-        let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(reader)
-            .map_err(|e| Error::io("reading the readiness pipe", e))?;
-        let mut lines = BufReader::new(pipe).lines();
+    ) -> Result<UnixStream, Error> {
+        let channel = reader
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(reader))
+            .map_err(|e| Error::io("reading the readiness channel", e))?;
         let read_ready = async {
+            // One short line; a child that says more (or garbage) is not
+            // ready.
+            let mut line = Vec::with_capacity(32);
+            let mut byte = [0u8; 1];
             loop {
-                match lines.next_line().await {
-                    Ok(Some(line)) if line.starts_with("READY=") => return true,
-                    Ok(Some(_)) => continue,
-                    Ok(None) | Err(_) => return false,
+                match channel.try_read(&mut byte) {
+                    Ok(0) => return false,
+                    Ok(_) if byte[0] == b'\n' => {
+                        if line.starts_with(b"READY=") {
+                            return true;
+                        }
+                        line.clear();
+                    }
+                    Ok(_) if line.len() < 256 => line.push(byte[0]),
+                    Ok(_) => return false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if channel.readable().await.is_err() {
+                            return false;
+                        }
+                    }
+                    Err(_) => return false,
                 }
             }
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             ready = read_ready => {
                 if ready {
-                    return Ok(());
+                    return channel
+                        .into_std()
+                        .and_then(|channel| channel.set_nonblocking(false).map(|()| channel))
+                        .map_err(|e| Error::io("keeping the readiness channel", e));
                 }
                 // End of file without READY: it is exiting, or closed the
                 // pipe by mistake. Tell which, briefly.
@@ -490,7 +515,17 @@ impl Upgrader {
                 timeout: self.ready_timeout,
             }),
             () = cancel.cancelled() => Err(Error::Cancelled),
-        }
+        };
+        outcome
+    }
+
+    /// The readiness channel of the generation this one handed over to, on
+    /// which it tells it how its drain went (once).
+    pub(crate) fn take_report_channel(&self) -> Option<UnixStream> {
+        self.report_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 

@@ -626,6 +626,165 @@ async fn run_bench(name: &str, args: &[&str]) -> String {
     report
 }
 
+/// `GET /metrics` of the axum example across a restart: the new generation
+/// reports its number, the upgrade that made it (and how long it took) and
+/// the drain of the generation before it, which tells it once drained.
+#[cfg(feature = "metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_example_metrics_count_the_upgrade_and_the_drain_across_a_restart() {
+    timeout(BOUND, async {
+        let server = Server::start_with(Deploy::of("axum-metrics", "axum"), &[], &[]).await;
+        let scrape = || async {
+            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.unwrap();
+            text
+        };
+        let before = scrape().await;
+        assert!(before.contains("\nhandover_generation 1\n"), "{before}");
+        assert!(!before.contains("handover_upgrades_total"), "{before}");
+        server.restart().await;
+        // The old generation tells the new one once it has drained.
+        let mut after = String::new();
+        for _ in 0..400 {
+            after = scrape().await;
+            if after.contains("handover_drain_duration_seconds_count 1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for expected in [
+            "\nhandover_generation 2\n",
+            "\nhandover_upgrades_total{outcome=\"ready\"} 1\n",
+            "\nhandover_upgrade_duration_seconds_count 1\n",
+            "\nhandover_drains_total 1\n",
+            "\nhandover_drain_duration_seconds_count 1\n",
+            "\nhandover_drain_requests_total{outcome=\"forced\"} 0\n",
+            "\nhandover_requests_in_flight ",
+        ] {
+            assert!(after.contains(expected), "{expected:?} in\n{after}");
+        }
+        server.stop().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// Every example's command line, and the `handover` tool's, behaves as
+/// command lines do: `--help` and `--version` print and exit 0, an unknown
+/// flag is an error (status 2) with a hint, and the flags that operators
+/// and tests script against keep their names.
+#[tokio::test]
+async fn every_command_line_answers_help_and_version_and_refuses_unknown_flags() {
+    let run = |binary: std::path::PathBuf, args: &'static [&'static str]| async move {
+        let output = timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new(&binary)
+                .args(args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let examples: [(&str, &[&str]); 8] = [
+        (
+            "hello",
+            &[
+                "--addr",
+                "--pid-file",
+                "--drain-timeout",
+                "--ready-timeout",
+                "--close-grace",
+                "--warmup-ms",
+                "--tcp-nodelay",
+                "--stable-parent",
+                "--standby",
+                "--control-socket",
+            ],
+        ),
+        (
+            "axum",
+            &[
+                "--addr",
+                "--pid-file",
+                "--tls-cert",
+                "--tls-key",
+                "--hand-over-tickets",
+            ],
+        ),
+        ("tonic", &["--addr", "--pid-file"]),
+        (
+            "state",
+            &["--addr", "--pid-file", "--standby", "--max-state-size"],
+        ),
+        (
+            "restart_bench",
+            &[
+                "--seconds",
+                "--every-ms",
+                "--h1",
+                "--h2",
+                "--streams",
+                "--rounds",
+                "--no-nagle-phase",
+                "--hello",
+                "--standby",
+            ],
+        ),
+        ("ws_bench", &["--connections", "--close-grace", "--hello"]),
+        ("goaway_race", &["--seconds", "--every-ms", "--server"]),
+        ("tls_resume_bench", &["--clients", "--rounds", "--axum"]),
+    ];
+    for (name, flags) in examples {
+        let binary = support::example_binary(name);
+        let (code, help, _) = run(binary.clone(), &["--help"]).await;
+        assert_eq!(code, Some(0), "{name} --help");
+        for flag in flags {
+            assert!(help.contains(flag), "{name} --help names {flag}:\n{help}");
+        }
+        let (code, version, _) = run(binary.clone(), &["--version"]).await;
+        assert_eq!(code, Some(0), "{name} --version");
+        assert_eq!(
+            version.trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION"))
+        );
+        let (code, _, error) = run(binary, &["--no-such-flag"]).await;
+        assert_eq!(code, Some(2), "{name}: {error}");
+        assert!(
+            error.contains("unexpected argument '--no-such-flag'"),
+            "{error}"
+        );
+        assert!(error.contains("--help"), "a hint: {error}");
+    }
+    let tool = std::path::PathBuf::from(env!("CARGO_BIN_EXE_handover"));
+    let (code, help, _) = run(tool.clone(), &["--help"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        help.contains("handover upgrade PATH") && help.contains("--timeout"),
+        "{help}"
+    );
+    let (code, version, _) = run(tool.clone(), &["--version"]).await;
+    assert_eq!(
+        (code, version.trim()),
+        (Some(0), concat!("handover ", env!("CARGO_PKG_VERSION")))
+    );
+    let (code, _, error) = run(tool, &["status", "/nowhere", "--timout", "1"]).await;
+    assert_eq!(code, Some(2), "{error}");
+    assert!(error.contains("did you mean --timeout?"), "{error}");
+}
+
 /// The TLS resumption benchmark, run end to end on the debug build: with
 /// the session-ticket keys handed over, no client that had a session makes
 /// a full handshake after the restart; without, every one does.

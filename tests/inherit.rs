@@ -76,7 +76,7 @@ async fn malformed_environments_are_clear_errors_not_panics() {
         (
             "5</etc/hostname",
             &[("HANDOVER_READY_FD", "5")],
-            "inherited fd 5 named \"HANDOVER_READY_FD\": it is not a pipe",
+            "inherited fd 5 named \"HANDOVER_READY_FD\": it is not a socket or a pipe",
         ),
         (
             "",

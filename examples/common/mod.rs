@@ -10,6 +10,7 @@ use std::process::ExitCode;
 /// would report it with `eprintln!`, which panics when stderr is a broken
 /// pipe too (the log collector died, the SSH session that started the
 /// server ended): serving and upgrades must go on without logs.
+#[allow(dead_code)]
 pub(crate) fn main_with_logs(
     name: &str,
     run: impl FnOnce() -> Result<(), Box<dyn std::error::Error>>,
@@ -28,4 +29,21 @@ pub(crate) fn main_with_logs(
             ExitCode::FAILURE
         }
     }
+}
+
+/// A switch's value on the examples' command lines: `on` or `off`.
+#[allow(dead_code)]
+pub(crate) fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("say on or off".into()),
+    }
+}
+
+/// Seconds, fractions allowed: `30`, `0.5`.
+#[allow(dead_code)]
+pub(crate) fn seconds(value: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = value.parse().map_err(|e| format!("{e}"))?;
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }

@@ -113,7 +113,14 @@ fn parse(args: &[String]) -> Result<(String, String, Option<Duration>), String> 
                     .map_err(|_| format!("--timeout {value}: not a number of seconds"))?,
             );
         } else if arg.starts_with('-') {
-            return Err(format!("unknown option {arg}"));
+            let known = ["--timeout", "--help", "--version"];
+            let close = known
+                .iter()
+                .find(|k| arg.len() >= 4 && (k.starts_with(&arg[..4]) || arg.starts_with(&k[..4])));
+            return Err(match close {
+                Some(k) => format!("unknown option {arg} (did you mean {k}?)"),
+                None => format!("unknown option {arg}"),
+            });
         } else {
             positional.push(arg.clone());
         }
