@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -462,32 +463,25 @@ impl Upgrader {
         reader: UnixStream,
         cancel: &CancellationToken,
     ) -> Result<UnixStream, Error> {
-        let channel = reader
+        let mut channel = reader
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(reader))
             .map_err(|e| Error::io("reading the readiness channel", e))?;
         let read_ready = async {
-            // One short line; a child that says more (or garbage) is not
-            // ready.
+            // Short lines; a child that says more than 256 bytes on one
+            // line (or garbage) is not ready.
+            let mut reader = BufReader::new(&mut channel);
             let mut line = Vec::with_capacity(32);
-            let mut byte = [0u8; 1];
             loop {
-                match channel.try_read(&mut byte) {
-                    Ok(0) => return false,
-                    Ok(_) if byte[0] == b'\n' => {
+                line.clear();
+                match (&mut reader).take(257).read_until(b'\n', &mut line).await {
+                    Ok(_) if line.ends_with(b"\n") => {
                         if line.starts_with(b"READY=") {
                             return true;
                         }
-                        line.clear();
                     }
-                    Ok(_) if line.len() < 256 => line.push(byte[0]),
-                    Ok(_) => return false,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if channel.readable().await.is_err() {
-                            return false;
-                        }
-                    }
-                    Err(_) => return false,
+                    // End of file, a line too long, or an error.
+                    _ => return false,
                 }
             }
         };
