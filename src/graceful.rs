@@ -814,23 +814,44 @@ impl Future for Draining {
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        // Set before the notification fires.
-        if this.shared.draining.load(Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        if this
-            .registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
-        }
-        let poll = this.inner.poll(cx);
-        if poll.is_pending() {
-            *this.registered = Some(cx.waker().clone());
-        }
-        poll
+        let shared = &**this.shared;
+        let inner = this.inner;
+        poll_registered(
+            this.registered,
+            cx,
+            // Set before the notification fires.
+            || shared.draining.load(Ordering::SeqCst),
+            |cx| inner.poll(cx),
+        )
     }
+}
+
+/// Polls a wait whose registration costs (a lock) only when it must: once
+/// `done` says it is over (one atomic load), `Ready`; else `register` runs
+/// on the first poll and whenever the task's waker has changed since,
+/// and not otherwise, since a waker it registered stays registered until
+/// it is woken. `registered` keeps the waker last registered.
+#[inline]
+pub(crate) fn poll_registered(
+    registered: &mut Option<Waker>,
+    cx: &mut Context<'_>,
+    done: impl FnOnce() -> bool,
+    register: impl FnOnce(&mut Context<'_>) -> Poll<()>,
+) -> Poll<()> {
+    if done() {
+        return Poll::Ready(());
+    }
+    if registered
+        .as_ref()
+        .is_some_and(|waker| waker.will_wake(cx.waker()))
+    {
+        return Poll::Pending;
+    }
+    let poll = register(cx);
+    if poll.is_pending() {
+        *registered = Some(cx.waker().clone());
+    }
+    poll
 }
 
 impl fmt::Debug for Draining {

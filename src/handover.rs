@@ -348,7 +348,6 @@ impl Builder {
         let upgrader = Upgrader::from_current_process(self.ready_timeout, self.standby)?;
         let graceful = Graceful::new();
         graceful.set_close_grace(self.close_grace);
-        crate::metrics::describe();
         Ok(Handover {
             inner: Arc::new(Inner {
                 listeners,
@@ -562,6 +561,8 @@ impl Handover {
             upgraded = self.is_upgrade(),
             "ready"
         );
+        // Described once, here rather than in `from_env`: by now the
+        // application has most likely installed its recorder.
         crate::metrics::describe();
         crate::metrics::generation(self.generation());
         if self.is_upgrade() {

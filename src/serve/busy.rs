@@ -19,6 +19,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::graceful::poll_registered;
+
 /// One in progress, in the low half of the word.
 const ONE_IN_PROGRESS: u64 = 1;
 /// One started, in the high half.
@@ -170,28 +172,23 @@ impl Future for Expired {
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.busy.expired.load(Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        if self
-            .registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
-        }
-        *self
-            .busy
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-        self.registered = Some(cx.waker().clone());
-        // Expired while the waker was being stored: it may have taken the
-        // one stored before.
-        if self.busy.expired.load(Ordering::SeqCst) {
-            return Poll::Ready(());
-        }
-        Poll::Pending
+        let Expired { busy, registered } = &mut *self;
+        poll_registered(
+            registered,
+            cx,
+            || busy.expired.load(Ordering::SeqCst),
+            |cx| {
+                *busy.task.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(cx.waker().clone());
+                // Expired while the waker was being stored: it may have
+                // taken the one stored before.
+                if busy.expired.load(Ordering::SeqCst) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            },
+        )
     }
 }
 
