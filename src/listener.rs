@@ -891,15 +891,16 @@ impl fmt::Display for Address {
 }
 
 /// `fd 3 "unknown" on 127.0.0.1:3000, fd 4 …`, or `none`.
-fn describe(inherited: &[Inherited]) -> String {
-    if inherited.is_empty() {
-        return "none".into();
-    }
-    inherited
-        .iter()
+fn describe<'a>(inherited: impl IntoIterator<Item = &'a Inherited>) -> String {
+    let listed: Vec<String> = inherited
+        .into_iter()
         .map(|i| format!("fd {} {:?} on {}", i.fd, i.name, i.address))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect();
+    if listed.is_empty() {
+        "none".into()
+    } else {
+        listed.join(", ")
+    }
 }
 
 /// No inherited listener has the name `name`: takes the one bound where
@@ -927,19 +928,15 @@ fn take_by_address(
             Ok(Some((taken.socket, taken.bound)))
         }
         _ => {
-            let both: Vec<&Inherited> = fits.iter().map(|&i| &inherited[i]).collect();
-            let listed: Vec<String> = both
-                .iter()
-                .map(|i| format!("fd {} {:?} on {}", i.fd, i.name, i.address))
-                .collect();
+            let listed = describe(fits.iter().map(|&i| &inherited[i]));
             Err(Error::Listener {
                 name: name.to_owned(),
                 reason: format!(
                     "no inherited listener has this name, and {} are bound where it is asked to be \
                      ({}); name the one to use {name:?} (systemd: FileDescriptorName=, \
                      systemd-socket-activate: --fdname=)",
-                    listed.len(),
-                    listed.join(", ")
+                    fits.len(),
+                    listed
                 ),
             })
         }
