@@ -10,13 +10,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::layer::GracefulLayer;
 mod count;
-use count::{Counted, Owner, ReleasedInDrain};
+use count::{Counted, Requests};
 
 /// A handle on the work this process still owes its clients.
 ///
@@ -101,11 +100,13 @@ pub struct Graceful {
 pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The state every clone of a [`Graceful`], every signal and every token
-/// points to (a request's guard holds only its [`RequestSide`]).
+/// points to (a request's guard holds only a reference to the count's
+/// slot).
 pub(crate) struct Shared {
     /// In-flight requests, and the drain flag in the same word (see
-    /// `count`).
-    requests: Owner<RequestSide>,
+    /// `count`); also what a drain waits on ([`Requests::idle`]) and the
+    /// close grace's token ([`Requests::close`]).
+    requests: Requests,
     connections: Counter,
     upgraded: Counter,
     /// Upgraded connections forced at the close grace.
@@ -124,27 +125,6 @@ pub(crate) struct Shared {
     force: CancellationToken,
     /// When the drain started.
     started_at: OnceLock<Instant>,
-}
-
-/// What an in-flight request reaches through its guard, even after every
-/// [`Graceful`] is gone.
-struct RequestSide {
-    finished_in_drain: AtomicUsize,
-    /// Woken when a count (requests, connections, upgraded) reaches zero
-    /// during a drain.
-    idle: Notify,
-    /// Fires when the close grace has passed: long-lived responses end and
-    /// upgraded connections are forced.
-    close: CancellationToken,
-}
-
-impl ReleasedInDrain for RequestSide {
-    fn released_in_drain(&self, now_zero: bool) {
-        self.finished_in_drain.fetch_add(1, Ordering::SeqCst);
-        if now_zero {
-            self.idle.notify_waiters();
-        }
-    }
 }
 
 #[derive(Default)]
@@ -178,11 +158,7 @@ impl Graceful {
     pub fn new() -> Self {
         Self {
             shared: Arc::new(Shared {
-                requests: Owner::new(RequestSide {
-                    finished_in_drain: AtomicUsize::new(0),
-                    idle: Notify::new(),
-                    close: CancellationToken::new(),
-                }),
+                requests: Requests::new(),
                 connections: Counter::default(),
                 upgraded: Counter::default(),
                 upgraded_forced: AtomicUsize::new(0),
@@ -317,7 +293,7 @@ impl Graceful {
         let shared = &*self.shared;
 
         let mut idle = pin!(shared.wait_idle());
-        let mut closed = shared.requests.close.is_cancelled();
+        let mut closed = shared.requests.close().is_cancelled();
         let finished_in_time = loop {
             tokio::select! {
                 biased;
@@ -344,7 +320,7 @@ impl Graceful {
             left
         };
         let report = DrainReport {
-            requests_finished: shared.requests.finished_in_drain.load(Ordering::SeqCst),
+            requests_finished: shared.requests.finished_in_drain(),
             requests_forced,
             connections_finished: shared.connections.finished_in_drain.load(Ordering::SeqCst),
             connections_forced,
@@ -420,7 +396,7 @@ impl Graceful {
     /// Resolves once the close grace has passed (or the deadline, if that
     /// comes first).
     pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
-        self.shared.requests.close.clone().cancelled_owned()
+        self.shared.requests.close().clone().cancelled_owned()
     }
 
     fn drain_started_at(&self) -> Instant {
@@ -471,7 +447,7 @@ impl Shared {
             counter.finished_in_drain.fetch_add(1, Ordering::SeqCst);
         }
         if previous == 1 {
-            self.requests.idle.notify_waiters();
+            self.requests.idle().notify_waiters();
         }
     }
 
@@ -483,7 +459,7 @@ impl Shared {
     /// The close grace has passed: end long-lived responses and force every
     /// upgraded connection still open (and every one upgraded from now on).
     fn close_long_lived(&self) {
-        self.requests.close.cancel();
+        self.requests.close().cancel();
         let live = {
             let mut upgrades = self.upgrades();
             upgrades.closed = true;
@@ -513,7 +489,7 @@ impl Shared {
 
     async fn wait_idle(&self) {
         loop {
-            let notified = self.requests.idle.notified();
+            let notified = self.requests.idle().notified();
             tokio::pin!(notified);
             // Register before reading the counts, so a release between the
             // read and the await still wakes us.
@@ -531,7 +507,7 @@ impl Shared {
 
 /// Holds one request in the count; released on drop (one pointer).
 pub(crate) struct RequestGuard {
-    request: Counted<RequestSide>,
+    request: Counted,
 }
 
 impl RequestGuard {
@@ -542,7 +518,7 @@ impl RequestGuard {
 
     /// Resolves when the close grace has passed.
     pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
-        self.request.close.clone().cancelled_owned()
+        self.request.closing()
     }
 }
 

@@ -1,234 +1,413 @@
 //! The count of in-flight requests and the drain flag, in one word.
 //!
-//! A release learns in the same atomic step whether it ended during the
-//! drain (and must be reported) and whether it was the last one (and must
-//! wake the drain). The word sits beside the value it counts for, in an
-//! `Arc` that every counted reference holds: a request costs the count's
-//! atomic operation each way, plus the `Arc`'s.
+//! A request costs one atomic operation when it is counted and one when it
+//! is released, and nothing for the reference it holds: the word lives in
+//! a [`Slot`] that is never freed, so a request holds a `&'static` to it
+//! instead of an `Arc` (whose clone and drop would be two more atomic
+//! operations on the same hot cache line). The release learns in the same
+//! step whether it ended during the drain and whether it was the last one.
 //!
-//! This replaced a counter that was its own reference count (raw pointers,
-//! a packed word of counts and holders, a free on the last release), which
-//! saved the `Arc`'s two operations per request. Measured end to end with
-//! `cargo bench --bench serve`'s servers, the two could not be told apart
-//! (see the README's Performance section), so the safe one stays.
+//! A slot is not leaked once per counter: when its owner is gone and its
+//! count is zero, it goes back to a free list, and the next
+//! [`Requests::new`] takes it from there. No reference to it is left at
+//! that point (only the owner makes new ones, and the last release is the
+//! one that hands it back), so a slot is reused, never shared. The memory
+//! held is one slot per counter alive at the same time, at the most ever.
+//!
+//! This replaced a counter that was its own reference count, in hand-made
+//! unsafe code (raw pointers and a free on the last release), and then an
+//! `Arc` around the word, safe but with the `Arc`'s two operations per
+//! request. This one is safe code with the unsafe one's cost.
 
-use std::ops::Deref;
 use std::process::abort;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-const DRAINING: u64 = 1 << 63;
-const COUNT_MASK: u64 = DRAINING - 1;
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// The low 32 bits: counted references.
+const COUNT_MASK: u64 = (1 << 32) - 1;
 /// More counted references than this is a leak (`mem::forget` in a loop):
-/// abort, as `Arc` does, long before the count could reach the flag.
-const MAX_COUNT: u64 = 1 << 62;
+/// abort, as `Arc` does, long before the count could reach the flags.
+const MAX_COUNT: u64 = 1 << 31;
+/// The drain has started.
+const DRAINING: u64 = 1 << 32;
+/// The owner ([`Requests`]) is gone: the last release hands the slot back.
+const OWNER_GONE: u64 = 1 << 33;
+/// The high 30 bits: releases so far, wrapping. What the drain started with
+/// taken from what it ends with is how many finished during the drain.
+const RELEASED_SHIFT: u32 = 34;
+const RELEASED_MASK: u64 = (1 << (64 - RELEASED_SHIFT)) - 1;
+/// A release in one addition: one off the count (which is at least one, so
+/// nothing borrows from the flags), one onto the releases (whose carry
+/// leaves the word).
+const RELEASE: u64 = (1 << RELEASED_SHIFT) - 1;
 
-/// What the counted value does when one of its references is released
-/// during a drain.
-pub(crate) trait ReleasedInDrain: Send + Sync {
-    /// One counted reference was released while draining; `now_zero` when
-    /// it was the last one.
-    fn released_in_drain(&self, now_zero: bool);
+/// Where a counter's state lives, for the rest of the process.
+struct Slot {
+    /// The count, `DRAINING`, `OWNER_GONE` and the releases.
+    word: AtomicU64,
+    /// Woken when the last counted reference is released during a drain
+    /// (and by the owner, for its other counts).
+    idle: Notify,
+    /// The owner's close-grace token, for long-lived responses.
+    close: Mutex<CancellationToken>,
+    /// The free list this slot goes back to.
+    home: &'static FreeList,
 }
 
-struct Inner<T> {
-    /// Counted references (the low 63 bits) and `DRAINING`.
-    word: AtomicU64,
-    value: T,
+/// Slots whose owner is gone and whose count is zero.
+pub(crate) struct FreeList(Mutex<Vec<&'static Slot>>);
+
+/// Every counter's slots, but the tests'.
+static FREE: FreeList = FreeList::new();
+
+impl FreeList {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<&'static Slot>> {
+        // A push or pop cannot leave the list half done.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Slot {
+    /// The close token, cloned (a long-lived response's, once).
+    fn close(&self) -> CancellationToken {
+        self.close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Hands the slot back: called once per owner, by whichever of the
+    /// owner's drop and the last release saw the other already done.
+    #[cold]
+    fn recycle(&'static self) {
+        self.home.lock().push(self);
+    }
 }
 
 /// The owning handle: counts nothing itself, hands out [`Counted`]
-/// references, and starts the drain.
-pub(crate) struct Owner<T: ReleasedInDrain> {
-    inner: Arc<Inner<T>>,
+/// references, starts the drain and reports on it.
+pub(crate) struct Requests {
+    slot: &'static Slot,
+    close: CancellationToken,
+    /// The releases so far when the drain started; `u64::MAX` before.
+    released_at_drain: AtomicU64,
 }
 
 /// One counted reference (one request in flight). Released on drop.
-pub(crate) struct Counted<T: ReleasedInDrain> {
-    inner: Arc<Inner<T>>,
+pub(crate) struct Counted {
+    slot: &'static Slot,
 }
 
-impl<T: ReleasedInDrain> Owner<T> {
-    /// A new count of zero for `value`.
-    pub(crate) fn new(value: T) -> Self {
-        Self {
-            inner: Arc::new(Inner {
+impl Requests {
+    /// A new count of zero, in a slot from the free list if one is there.
+    pub(crate) fn new() -> Self {
+        Self::new_in(&FREE)
+    }
+
+    fn new_in(home: &'static FreeList) -> Self {
+        let close = CancellationToken::new();
+        let reused = home.lock().pop();
+        let slot = match reused {
+            Some(slot) => {
+                // Nothing else refers to the slot: its count is zero and
+                // its owner gone, so no reference can be made or released.
+                slot.word.store(0, Ordering::SeqCst);
+                *slot.close.lock().unwrap_or_else(PoisonError::into_inner) = close.clone();
+                slot
+            }
+            None => Box::leak(Box::new(Slot {
                 word: AtomicU64::new(0),
-                value,
-            }),
+                idle: Notify::new(),
+                close: Mutex::new(close.clone()),
+                home,
+            })),
+        };
+        Self {
+            slot,
+            close,
+            released_at_drain: AtomicU64::new(u64::MAX),
         }
     }
 
     /// Counts one more reference.
     #[inline]
-    pub(crate) fn count_one(&self) -> Counted<T> {
-        let previous = self.inner.word.fetch_add(1, Ordering::SeqCst);
+    pub(crate) fn count_one(&self) -> Counted {
+        let previous = self.slot.word.fetch_add(1, Ordering::SeqCst);
         if previous & COUNT_MASK >= MAX_COUNT {
             abort();
         }
-        Counted {
-            inner: self.inner.clone(),
-        }
+        Counted { slot: self.slot }
     }
 
     /// How many counted references are alive.
     pub(crate) fn count(&self) -> usize {
-        (self.inner.word.load(Ordering::SeqCst) & COUNT_MASK) as usize
+        (self.slot.word.load(Ordering::SeqCst) & COUNT_MASK) as usize
     }
 
-    /// Starts draining: from now on every release reports itself through
-    /// [`ReleasedInDrain`]. Returns whether it had started already.
+    /// Starts draining: from now on a release that leaves the count at
+    /// zero wakes [`idle`](Self::idle), and every release counts as
+    /// finished in the drain. Returns whether it had started already.
     pub(crate) fn start_draining(&self) -> bool {
-        self.inner.word.fetch_or(DRAINING, Ordering::SeqCst) & DRAINING != 0
-    }
-}
-
-impl<T: ReleasedInDrain> Deref for Owner<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner.value
-    }
-}
-
-impl<T: ReleasedInDrain> Counted<T> {
-    /// Whether the drain has started.
-    #[inline]
-    pub(crate) fn is_draining(&self) -> bool {
-        self.inner.word.load(Ordering::SeqCst) & DRAINING != 0
-    }
-}
-
-impl<T: ReleasedInDrain> Deref for Counted<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.inner.value
-    }
-}
-
-impl<T: ReleasedInDrain> Drop for Counted<T> {
-    #[inline]
-    fn drop(&mut self) {
-        let previous = self.inner.word.fetch_sub(1, Ordering::SeqCst);
+        let previous = self.slot.word.fetch_or(DRAINING, Ordering::SeqCst);
         if previous & DRAINING != 0 {
-            released_in_drain(&self.inner.value, previous & COUNT_MASK == 1);
+            return true;
+        }
+        self.released_at_drain
+            .store(released(previous), Ordering::SeqCst);
+        false
+    }
+
+    /// How many references were released since the drain started.
+    pub(crate) fn finished_in_drain(&self) -> usize {
+        let at_start = self.released_at_drain.load(Ordering::SeqCst);
+        if at_start == u64::MAX {
+            return 0;
+        }
+        let now = released(self.slot.word.load(Ordering::SeqCst));
+        (now.wrapping_sub(at_start) & RELEASED_MASK) as usize
+    }
+
+    /// Woken when the count reaches zero during the drain. Also for the
+    /// owner's other counts; a waiter checks what it waits for when woken.
+    pub(crate) fn idle(&self) -> &Notify {
+        &self.slot.idle
+    }
+
+    /// Fires when the close grace has passed.
+    pub(crate) fn close(&self) -> &CancellationToken {
+        &self.close
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        let previous = self.slot.word.fetch_or(OWNER_GONE, Ordering::SeqCst);
+        if previous & COUNT_MASK == 0 {
+            self.slot.recycle();
         }
     }
 }
 
-/// The rest of a release once draining, out of the hot path.
+/// The releases counted in `word`.
+fn released(word: u64) -> u64 {
+    word >> RELEASED_SHIFT
+}
+
+impl Counted {
+    /// Whether the drain has started.
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.slot.word.load(Ordering::SeqCst) & DRAINING != 0
+    }
+
+    /// Resolves when the close grace has passed.
+    pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
+        // The slot is this counter's for as long as this reference lives.
+        self.slot.close().cancelled_owned()
+    }
+}
+
+impl Drop for Counted {
+    #[inline]
+    fn drop(&mut self) {
+        let previous = self.slot.word.fetch_add(RELEASE, Ordering::SeqCst);
+        if previous & (DRAINING | OWNER_GONE) != 0 {
+            released_late(self.slot, previous);
+        }
+    }
+}
+
+/// The rest of a release once draining or once the owner is gone, out of
+/// the hot path. After its own release, this reference may touch the slot
+/// only if it was the last one: otherwise the slot may be another owner's
+/// already. (A stray wake-up would do no harm either: every waiter checks
+/// its counts when woken.)
 #[cold]
 #[inline(never)]
-fn released_in_drain<T: ReleasedInDrain>(value: &T, now_zero: bool) {
-    value.released_in_drain(now_zero);
+fn released_late(slot: &'static Slot, previous: u64) {
+    if previous & COUNT_MASK != 1 {
+        return;
+    }
+    if previous & DRAINING != 0 {
+        slot.idle.notify_waiters();
+    }
+    if previous & OWNER_GONE != 0 {
+        slot.recycle();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::pin::pin;
     use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Waker};
 
-    struct Log {
-        released: AtomicUsize,
-        zeros: AtomicUsize,
-        dropped: Arc<AtomicUsize>,
+    /// A free list of the test's own, so that no other test takes or adds
+    /// slots while it looks.
+    fn own_list() -> &'static FreeList {
+        Box::leak(Box::new(FreeList::new()))
     }
 
-    impl ReleasedInDrain for Log {
-        fn released_in_drain(&self, now_zero: bool) {
-            self.released.fetch_add(1, Ordering::SeqCst);
-            if now_zero {
-                self.zeros.fetch_add(1, Ordering::SeqCst);
-            }
-        }
+    fn slot_of(requests: &Requests) -> *const Slot {
+        requests.slot
     }
 
-    impl Drop for Log {
-        fn drop(&mut self) {
-            self.dropped.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn logged() -> (Owner<Log>, Arc<AtomicUsize>) {
-        let dropped = Arc::new(AtomicUsize::new(0));
-        let owner = Owner::new(Log {
-            released: AtomicUsize::new(0),
-            zeros: AtomicUsize::new(0),
-            dropped: dropped.clone(),
-        });
-        (owner, dropped)
+    /// Whether `idle` was woken since `enable`d: polls it once.
+    fn woken(notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
+        notified
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
     }
 
     #[test]
-    fn counts_up_and_down_without_reporting_before_the_drain() {
-        let (owner, _) = logged();
-        let a = owner.count_one();
-        let b = owner.count_one();
-        assert_eq!(owner.count(), 2);
+    fn counts_up_and_down_and_nothing_finishes_before_the_drain() {
+        let requests = Requests::new_in(own_list());
+        let a = requests.count_one();
+        let b = requests.count_one();
+        assert_eq!(requests.count(), 2);
         assert!(!a.is_draining());
         drop(a);
         drop(b);
-        assert_eq!(owner.count(), 0);
-        assert_eq!(owner.released.load(Ordering::SeqCst), 0);
+        assert_eq!(requests.count(), 0);
+        assert_eq!(requests.finished_in_drain(), 0);
     }
 
     #[test]
-    fn releases_in_the_drain_report_and_the_last_says_zero() {
-        let (owner, _) = logged();
-        let a = owner.count_one();
-        let b = owner.count_one();
-        assert!(!owner.start_draining());
-        assert!(owner.start_draining(), "the second start sees the first");
+    fn releases_in_the_drain_finish_and_the_last_wakes_the_drain() {
+        let requests = Requests::new_in(own_list());
+        let early = requests.count_one();
+        drop(early);
+        let a = requests.count_one();
+        let b = requests.count_one();
+        assert!(!requests.start_draining());
+        assert!(requests.start_draining(), "the second start sees the first");
         assert!(a.is_draining());
+
+        let mut notified = pin!(requests.idle().notified());
+        notified.as_mut().enable();
         drop(a);
-        assert_eq!(owner.zeros.load(Ordering::SeqCst), 0);
+        assert!(!woken(notified.as_mut()), "one is still in flight");
         drop(b);
-        assert_eq!(owner.released.load(Ordering::SeqCst), 2);
-        assert_eq!(owner.zeros.load(Ordering::SeqCst), 1);
-        assert_eq!(owner.count(), 0);
-        // Counted again during the drain, and back to zero: reported again.
-        drop(owner.count_one());
-        assert_eq!(owner.zeros.load(Ordering::SeqCst), 2);
+        assert!(woken(notified.as_mut()), "the last release wakes the drain");
+        assert_eq!(requests.finished_in_drain(), 2, "the early one not");
+        assert_eq!(requests.count(), 0);
+
+        // Counted again during the drain, and back to zero: woken again.
+        let mut notified = pin!(requests.idle().notified());
+        notified.as_mut().enable();
+        drop(requests.count_one());
+        assert!(woken(notified.as_mut()));
+        assert_eq!(requests.finished_in_drain(), 3);
     }
 
     #[test]
-    fn the_value_lives_until_the_last_reference_of_either_kind() {
-        let (owner, dropped) = logged();
-        let counted = owner.count_one();
-        drop(owner);
-        assert_eq!(dropped.load(Ordering::SeqCst), 0);
-        assert_eq!(counted.released.load(Ordering::SeqCst), 0);
-        drop(counted);
-        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+    fn the_finished_count_survives_the_releases_wrapping() {
+        let requests = Requests::new_in(own_list());
+        // Two releases short of wrapping.
+        requests
+            .slot
+            .word
+            .store((RELEASED_MASK - 1) << RELEASED_SHIFT, Ordering::SeqCst);
+        let held: Vec<_> = (0..5).map(|_| requests.count_one()).collect();
+        requests.start_draining();
+        drop(held);
+        assert_eq!(requests.count(), 0);
+        assert_eq!(requests.finished_in_drain(), 5);
+    }
 
-        let (owner, dropped) = logged();
-        owner.start_draining();
-        let counted = owner.count_one();
-        drop(owner);
-        drop(counted);
-        assert_eq!(
-            dropped.load(Ordering::SeqCst),
-            1,
-            "freed by a release in the drain"
+    #[test]
+    fn a_slot_goes_back_once_its_owner_and_its_last_reference_are_gone() {
+        let list = own_list();
+        let requests = Requests::new_in(list);
+        drop(requests);
+        assert_eq!(list.lock().len(), 1, "nothing counted: back at once");
+
+        let requests = Requests::new_in(list);
+        assert!(list.lock().is_empty(), "taken again");
+        let (a, b) = (requests.count_one(), requests.count_one());
+        drop(requests);
+        drop(a);
+        assert!(list.lock().is_empty(), "one reference is left");
+        drop(b);
+        assert_eq!(list.lock().len(), 1, "the last release hands it back");
+
+        let requests = Requests::new_in(list);
+        let only = requests.count_one();
+        drop(requests);
+        assert!(list.lock().is_empty(), "its one reference is left");
+        drop(only);
+        assert_eq!(list.lock().len(), 1, "back once");
+    }
+
+    #[test]
+    fn a_reused_slot_starts_fresh() {
+        let list = own_list();
+        let old = Requests::new_in(list);
+        let first = slot_of(&old);
+        old.start_draining();
+        old.close().cancel();
+        let held = old.count_one();
+        drop(old);
+        drop(held);
+
+        let new = Requests::new_in(list);
+        assert_eq!(slot_of(&new), first, "the same slot");
+        assert_eq!(new.count(), 0);
+        assert_eq!(new.finished_in_drain(), 0);
+        let counted = new.count_one();
+        assert!(!counted.is_draining());
+        assert!(!new.close().is_cancelled());
+        let mut closing = pin!(counted.closing());
+        assert!(
+            closing
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_pending(),
+            "not the old owner's cancelled token"
+        );
+        new.close().cancel();
+        assert!(
+            closing
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_ready(),
+            "the new owner's"
         );
     }
 
-    /// Threads count and release while the drain starts and the owner goes
-    /// away: every release after the drain started is reported, and the
-    /// value is dropped exactly once.
+    #[test]
+    fn slots_are_not_made_once_per_counter() {
+        let list = own_list();
+        for _ in 0..1000 {
+            let requests = Requests::new_in(list);
+            drop(requests.count_one());
+        }
+        assert_eq!(list.lock().len(), 1);
+    }
+
+    /// Threads count and release while the drain starts: every release
+    /// after the drain started counts as finished, and the count ends at
+    /// zero; then the slot goes back exactly once.
     #[test]
     fn concurrent_releases_across_the_drain_start() {
-        let rounds = 200;
-        for _ in 0..rounds {
-            let (owner, dropped) = logged();
-            let owner = Arc::new(owner);
+        let list = own_list();
+        for _ in 0..200 {
+            let requests = Arc::new(Requests::new_in(list));
             let threads: Vec<_> = (0..3)
                 .map(|_| {
-                    let owner = owner.clone();
+                    let requests = requests.clone();
                     std::thread::spawn(move || {
                         let mut held = Vec::new();
                         for i in 0..20 {
-                            held.push(owner.count_one());
+                            held.push(requests.count_one());
                             if i % 3 == 0 {
                                 held.clear();
                             }
@@ -237,65 +416,56 @@ mod tests {
                     })
                 })
                 .collect();
-            owner.start_draining();
+            requests.start_draining();
             let held: Vec<_> = threads
                 .into_iter()
                 .flat_map(|t| t.join().expect("no panic"))
                 .collect();
-            let reported_before = owner.released.load(Ordering::SeqCst);
+            let finished_before = requests.finished_in_drain();
             let left = held.len();
-            assert_eq!(owner.count(), left);
-            let zeros_before = owner.zeros.load(Ordering::SeqCst);
+            assert_eq!(requests.count(), left);
             drop(held);
-            assert_eq!(owner.count(), 0);
-            assert_eq!(
-                owner.released.load(Ordering::SeqCst),
-                reported_before + left
-            );
-            if left > 0 {
-                assert_eq!(owner.zeros.load(Ordering::SeqCst), zeros_before + 1);
-            }
-            let owner = Arc::into_inner(owner).expect("threads are done");
-            drop(owner);
-            assert_eq!(dropped.load(Ordering::SeqCst), 1);
+            assert_eq!(requests.count(), 0);
+            assert_eq!(requests.finished_in_drain(), finished_before + left);
+            drop(Arc::into_inner(requests).expect("threads are done"));
+            assert_eq!(list.lock().len(), 1, "back once");
         }
     }
 
-    /// Two releases race in the drain with the owner gone: whichever is
-    /// last frees the value, and the other never touches it afterwards.
+    /// Releases race each other in the drain, and the owner going: the last
+    /// one wakes a waiter and the slot goes back once.
     #[test]
-    fn releases_race_each_other_in_the_drain() {
-        let rounds = 500;
-        for _ in 0..rounds {
-            let (owner, dropped) = logged();
-            owner.start_draining();
-            let (a, b) = (owner.count_one(), owner.count_one());
-            drop(owner);
-            let other = std::thread::spawn(move || drop(a));
-            drop(b);
-            other.join().expect("no panic");
-            assert_eq!(dropped.load(Ordering::SeqCst), 1);
-        }
-    }
-
-    /// The owner is dropped while other threads release in the drain: the
-    /// last of them frees the value, once.
-    #[test]
-    fn the_owner_goes_while_releases_run_in_the_drain() {
-        let rounds = 200;
-        for _ in 0..rounds {
-            let (owner, dropped) = logged();
-            let held: Vec<_> = (0..4).map(|_| owner.count_one()).collect();
-            owner.start_draining();
-            let threads: Vec<_> = held
-                .into_iter()
+    fn releases_race_each_other_and_the_owner_going() {
+        let list = own_list();
+        let release_all = |held: Vec<Counted>| -> Vec<std::thread::JoinHandle<()>> {
+            held.into_iter()
                 .map(|counted| std::thread::spawn(move || drop(counted)))
-                .collect();
-            drop(owner);
-            for t in threads {
-                t.join().expect("no panic");
+                .collect()
+        };
+        for round in 0..300 {
+            let requests = Requests::new_in(list);
+            requests.start_draining();
+            let held: Vec<_> = (0..4).map(|_| requests.count_one()).collect();
+            if round % 2 == 0 {
+                let threads = release_all(held);
+                drop(requests);
+                threads
+                    .into_iter()
+                    .for_each(|t| t.join().expect("no panic"));
+            } else {
+                {
+                    let mut notified = pin!(requests.idle().notified());
+                    notified.as_mut().enable();
+                    let threads = release_all(held);
+                    threads
+                        .into_iter()
+                        .for_each(|t| t.join().expect("no panic"));
+                    assert!(woken(notified.as_mut()), "round {round}");
+                }
+                assert_eq!(requests.finished_in_drain(), 4);
+                drop(requests);
             }
-            assert_eq!(dropped.load(Ordering::SeqCst), 1);
+            assert_eq!(list.lock().len(), 1, "back once, round {round}");
         }
     }
 }
