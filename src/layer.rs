@@ -333,21 +333,25 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         // An error drops the guard with the future: the request is done.
-        let mut response = ready!(this.inner.poll(cx))?;
+        let response = ready!(this.inner.poll(cx))?;
         let guard = this.guard.take();
+        let (mut parts, body) = response.into_parts();
         let mut long_lived = None;
         if let Some(guard) = &guard {
             if guard.is_draining() {
-                close_after(&mut response, *this.http1);
+                close_after(&mut parts, *this.http1);
             }
-            // Nothing to look up without headers (the common trivial case).
-            if !response.headers().is_empty() {
-                long_lived = LongLived::of(response.headers(), guard);
+            // A body of known length ends by itself, and one without
+            // headers has no content type to look up: the common cases skip
+            // the header lookup.
+            if !parts.headers.is_empty() && body.size_hint().exact().is_none() {
+                long_lived = LongLived::of(&parts.headers, guard);
             }
         }
-        Poll::Ready(Ok(
-            response.map(|body| TrackedBody::new(body, guard, long_lived))
-        ))
+        Poll::Ready(Ok(Response::from_parts(
+            parts,
+            TrackedBody::new(body, guard, long_lived),
+        )))
     }
 }
 
@@ -355,10 +359,10 @@ where
 /// switches protocols.
 #[cold]
 #[inline(never)]
-fn close_after<B>(response: &mut Response<B>, http1: bool) {
-    if http1 && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+fn close_after(response: &mut http::response::Parts, http1: bool) {
+    if http1 && response.status != StatusCode::SWITCHING_PROTOCOLS {
         response
-            .headers_mut()
+            .headers
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
 }
@@ -431,10 +435,11 @@ pin_project! {
     /// `size_hint` are forwarded unchanged.
     ///
     /// An event stream (`text/event-stream`) or a gRPC response
-    /// (`application/grpc`) that is still waiting for its next frame when
-    /// the close grace passes ends there: the event stream after its last
-    /// whole event, the gRPC stream with status `UNAVAILABLE` in its
-    /// trailers (see [`Graceful::set_close_grace`]).
+    /// (`application/grpc`), of a length not known up front, that is still
+    /// waiting for its next frame when the close grace passes ends there:
+    /// the event stream after its last whole event, the gRPC stream with
+    /// status `UNAVAILABLE` in its trailers (see
+    /// [`Graceful::set_close_grace`]).
     pub struct TrackedBody<B> {
         #[pin]
         inner: B,
