@@ -203,7 +203,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .route("/", get(hello))
             .route("/sleep/{ms}", get(sleep))
             .route("/ws", get(ws).layer(handover.layer()))
-            .route("/events", get(events).layer(handover.layer()));
+            .route("/events", get(events).layer(handover.layer()))
+            // Turns every handler into a route once, as `axum::serve` does,
+            // rather than on every request.
+            .with_state(());
         if !warmup.is_zero() {
             tracing::info!(warmup_ms = args.warmup_ms, "warming up");
             tokio::time::sleep(warmup).await;

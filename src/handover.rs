@@ -755,7 +755,8 @@ impl Handover {
     /// The first call starts the signal driver and, unless
     /// [`Builder::auto_ready`] is off, reports readiness. Serve several
     /// listeners by calling it once per listener and awaiting them together:
-    /// they share one drain.
+    /// they share one drain. An axum `Router` without state is best passed
+    /// as `app.with_state(())` (see [`serve`](crate::serve#performance)).
     pub fn serve<L, S, B>(&self, listener: L, service: S) -> HandoverServe<L, S>
     where
         L: Listener,

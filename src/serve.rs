@@ -218,6 +218,15 @@ where
 /// running out of file descriptors) are logged and retried with a backoff,
 /// never returned.
 ///
+/// # Performance
+///
+/// An axum `Router` without state is best passed as `app.with_state(())`,
+/// which turns every handler into a route once, as `axum::serve` does
+/// before it serves. A `Router` called as a plain tower service does that
+/// on every request (about 180 instructions of a hello-world's 15,400, and
+/// 730 with a layer on the whole router). A router given its state already
+/// is ready as it is.
+///
 /// # Examples
 ///
 /// ```no_run
