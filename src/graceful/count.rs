@@ -51,7 +51,7 @@ struct Slot {
     /// Woken when the last counted reference is released during a drain
     /// (and by the owner, for its other counts).
     idle: Notify,
-    /// The owner's close-grace token, for long-lived responses.
+    /// The owner's close-grace token.
     close: Mutex<CancellationToken>,
     /// The free list this slot goes back to.
     home: &'static FreeList,
@@ -95,7 +95,6 @@ impl Slot {
 /// references, starts the drain and reports on it.
 pub(crate) struct Requests {
     slot: &'static Slot,
-    close: CancellationToken,
     /// The releases so far when the drain started; `u64::MAX` before.
     released_at_drain: AtomicU64,
 }
@@ -112,26 +111,25 @@ impl Requests {
     }
 
     fn new_in(home: &'static FreeList) -> Self {
-        let close = CancellationToken::new();
         let reused = home.lock().pop();
         let slot = match reused {
             Some(slot) => {
                 // Nothing else refers to the slot: its count is zero and
                 // its owner gone, so no reference can be made or released.
                 slot.word.store(0, Ordering::SeqCst);
-                *slot.close.lock().unwrap_or_else(PoisonError::into_inner) = close.clone();
+                *slot.close.lock().unwrap_or_else(PoisonError::into_inner) =
+                    CancellationToken::new();
                 slot
             }
             None => Box::leak(Box::new(Slot {
                 word: AtomicU64::new(0),
                 idle: Notify::new(),
-                close: Mutex::new(close.clone()),
+                close: Mutex::new(CancellationToken::new()),
                 home,
             })),
         };
         Self {
             slot,
-            close,
             released_at_drain: AtomicU64::new(u64::MAX),
         }
     }
@@ -181,8 +179,8 @@ impl Requests {
     }
 
     /// Fires when the close grace has passed.
-    pub(crate) fn close(&self) -> &CancellationToken {
-        &self.close
+    pub(crate) fn close(&self) -> CancellationToken {
+        self.slot.close()
     }
 }
 
