@@ -7,7 +7,8 @@
 //! cargo bench --bench serve [-- --seconds 4 --rounds 5 --only h1|h2]
 //! ```
 //!
-//! Three pairs, each the same application served two ways:
+//! Three pairs, each the same application served two ways, and a
+//! reference:
 //!
 //! - an axum `Router` under `Handover::serve` (which counts every request
 //!   itself), against the same `Router` under `axum::serve` (`TCP_NODELAY`
@@ -19,9 +20,14 @@
 //! - a bare `tower::service_fn` under `Handover::serve`, against a bare
 //!   hyper-util loop: the auto builder with hyper's defaults, one task per
 //!   connection, `TCP_NODELAY` on, the same service through
-//!   `TowerToHyperService`.
+//!   `TowerToHyperService`;
+//! - for reference, the `Router` with a layer that does nothing (tower's
+//!   `Identity`) under `axum::serve`, against the `Router` alone under
+//!   `axum::serve`: what axum's layering of every route costs on its own,
+//!   whatever the layer does. The second pair can do no better than the
+//!   first times this one.
 //!
-//! Every server runs on tokio's default multi-threaded runtime. The five
+//! Every server runs on tokio's default multi-threaded runtime. The six
 //! run side by side for the whole benchmark (the idle ones sleep); in each
 //! round, each is loaded once per protocol, the pair's order alternating
 //! from round to round, so that the machine's drift weighs on both. The
@@ -50,22 +56,26 @@ enum Kind {
     AxumHandover,
     AxumLayerHandover,
     AxumServe,
+    AxumNoopLayerServe,
     BareHandover,
     BareHyper,
 }
 
-/// Each pair: ours, and what users run instead.
-const PAIRS: [(Kind, Kind); 3] = [
+/// Each pair: ours, and what users run instead; the last, a reference:
+/// what any layer on the whole `Router` costs under axum's own loop.
+const PAIRS: [(Kind, Kind); 4] = [
     (Kind::AxumHandover, Kind::AxumServe),
     (Kind::AxumLayerHandover, Kind::AxumServe),
     (Kind::BareHandover, Kind::BareHyper),
+    (Kind::AxumNoopLayerServe, Kind::AxumServe),
 ];
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::AxumHandover,
         Kind::AxumLayerHandover,
         Kind::AxumServe,
+        Kind::AxumNoopLayerServe,
         Kind::BareHandover,
         Kind::BareHyper,
     ];
@@ -75,6 +85,7 @@ impl Kind {
             Kind::AxumHandover => "axum-handover",
             Kind::AxumLayerHandover => "axum-layer-handover",
             Kind::AxumServe => "axum-serve",
+            Kind::AxumNoopLayerServe => "axum-noop-layer-serve",
             Kind::BareHandover => "bare-handover",
             Kind::BareHyper => "bare-hyper",
         }
@@ -85,6 +96,7 @@ impl Kind {
             Kind::AxumHandover => "axum Router, Handover::serve",
             Kind::AxumLayerHandover => "the Router + .layer(handover.layer()), Handover::serve",
             Kind::AxumServe => "the same Router, axum::serve",
+            Kind::AxumNoopLayerServe => "the Router + a layer that does nothing, axum::serve",
             Kind::BareHandover => "tower::service_fn, Handover::serve",
             Kind::BareHyper => "the same service, bare hyper-util loop",
         }
@@ -393,7 +405,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// The four servers, each run in a child process of the benchmark.
+/// The six servers, each run in a child process of the benchmark.
 mod server {
     use super::*;
 
@@ -451,6 +463,14 @@ mod server {
                         let _ = tcp.set_nodelay(true);
                     });
                     axum::serve(listener, router()).await.expect("serve");
+                }
+                (Kind::AxumNoopLayerServe, _) => {
+                    use axum::serve::ListenerExt;
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    let app = router().layer(tower::layer::util::Identity::new());
+                    axum::serve(listener, app).await.expect("serve");
                 }
                 (Kind::BareHyper, _) => bare_hyper(listener).await,
                 _ => unreachable!("a handover server has its Handover"),
