@@ -125,6 +125,10 @@ pub(crate) struct Shared {
     force: CancellationToken,
     /// When the drain started.
     started_at: OnceLock<Instant>,
+    /// A [`GracefulLayer`] that puts the [`ShutdownSignal`] in has wrapped
+    /// a service: the serve loop makes room for it in each request's
+    /// extensions (see `layer::Presized`).
+    signal_layers: AtomicBool,
 }
 
 #[derive(Default)]
@@ -168,6 +172,7 @@ impl Graceful {
                 drain_started: CancellationToken::new(),
                 force: CancellationToken::new(),
                 started_at: OnceLock::new(),
+                signal_layers: AtomicBool::new(false),
             }),
         }
     }
@@ -176,6 +181,18 @@ impl Graceful {
     /// on this handle.
     pub fn layer(&self) -> GracefulLayer {
         GracefulLayer::new(self.clone())
+    }
+
+    /// Notes that a [`GracefulLayer`] putting the signal in each request
+    /// wraps a service (see `Shared::signal_layers`).
+    pub(crate) fn note_signal_layer(&self) {
+        self.shared.signal_layers.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a [`GracefulLayer`] putting the signal in each request has
+    /// wrapped a service.
+    pub(crate) fn has_signal_layer(&self) -> bool {
+        self.shared.signal_layers.load(Ordering::Relaxed)
     }
 
     /// A [`ShutdownSignal`] that resolves when this handle starts draining.

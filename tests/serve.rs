@@ -470,19 +470,23 @@ async fn malformed_http_during_a_drain_never_holds_the_process() {
 /// What `connect_info` makes of a connection reaches every request on it,
 /// over HTTP/1 and HTTP/2: axum's `ConnectInfo` extractor and tonic's
 /// `TcpConnectInfo` (which its `Request::remote_addr` reads) name the
-/// request's own client, not another connection's.
+/// request's own client, not another connection's. The serve loop's
+/// `ShutdownSignal` is there beside them.
 #[tokio::test]
 async fn connect_info_tells_each_request_the_peer_of_its_own_connection() {
     timeout(BOUND, async {
         async fn peer(
             ConnectInfo(peer): ConnectInfo<SocketAddr>,
             Extension(info): Extension<TcpConnectInfo>,
+            Extension(signal): Extension<handover::ShutdownSignal>,
         ) -> String {
+            assert!(!signal.is_draining());
             format!("{peer} {:?} {:?}", info.local_addr, info.remote_addr)
         }
         let app = Router::new().route("/peer", get(peer));
         let server = Served::start(|listener, graceful| {
             handover::serve(listener, app, graceful)
+                .signal_extension(true)
                 .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
                 .connect_info(|io: &TcpStream, peer: &SocketAddr| TcpConnectInfo {
                     local_addr: io.local_addr().ok(),
@@ -1315,7 +1319,8 @@ mod signal_and_limits {
 
     /// A `ShutdownSignal` comes from a layer on the route that reads it
     /// (which counts nothing again), or from `signal_extension(true)`; by
-    /// default a request carries none, and costs no extension map.
+    /// default a request carries none. Either way each request is counted
+    /// once: the serve loop counts it before it puts a signal in.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_signal_comes_from_a_layer_on_the_route_or_the_option_and_requests_count_once() {
         timeout(BOUND, async {
