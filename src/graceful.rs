@@ -127,7 +127,7 @@ pub(crate) struct Shared {
     started_at: OnceLock<Instant>,
     /// A [`GracefulLayer`] that puts the [`ShutdownSignal`] in has wrapped
     /// a service: the serve loop makes room for it in each request's
-    /// extensions (see `layer::Presized`).
+    /// extensions (see `serve::Presized`).
     signal_layers: AtomicBool,
 }
 

@@ -299,57 +299,6 @@ pub(crate) fn track<B>(
     }
 }
 
-/// An extension map to start each request's from: with room for seven
-/// entries, and the serve loop's [`ShutdownSignal`] in it if it puts one
-/// in every request.
-///
-/// A request's extensions start without a map. The first insert allocates
-/// one with room for three entries, and the fourth makes it grow (a second
-/// allocation, every entry moved). An axum `Router` puts three in every
-/// request (the matched path, the path parameters, the original URI), so
-/// a signal put in by the serve loop, or by a layer on the routes, is the
-/// fourth. A clone of this map keeps its room (a `HashMap`'s clone has the
-/// same capacity), so moving one into an empty request costs what the
-/// first insert would have cost, and the growth never happens: in a
-/// hello-world axum app over HTTP/1, about 400 instructions fewer per
-/// request both for the serve loop's own signal (which then costs about
-/// 300 instead of 700) and for a router-wide `.layer(graceful.layer())`.
-/// Were a clone ever to lose the room, nothing would break: the map would
-/// grow as before.
-#[derive(Clone)]
-pub(crate) struct Presized(http::Extensions);
-
-impl Presized {
-    /// An empty map with room for seven, holding `signal` if given.
-    pub(crate) fn new(signal: Option<ShutdownSignal>) -> Self {
-        #[derive(Clone)]
-        struct Room<const N: usize>;
-        let mut extensions = http::Extensions::new();
-        // Four entries make the map grow to eight buckets, room for seven;
-        // removing them leaves it that size.
-        extensions.insert(Room::<0>);
-        extensions.insert(Room::<1>);
-        extensions.insert(Room::<2>);
-        extensions.insert(Room::<3>);
-        extensions.remove::<Room<0>>();
-        extensions.remove::<Room<1>>();
-        extensions.remove::<Room<2>>();
-        extensions.remove::<Room<3>>();
-        if let Some(signal) = signal {
-            extensions.insert(signal);
-        }
-        Self(extensions)
-    }
-
-    /// Puts a copy in `extensions`: moved in whole when they have no map
-    /// yet (as when hyper hands a request over, unless it asks to upgrade),
-    /// entry by entry otherwise.
-    #[inline]
-    pub(crate) fn put_in(&self, extensions: &mut http::Extensions) {
-        extensions.extend(self.0.clone());
-    }
-}
-
 pin_project! {
     /// Response future of [`GracefulService`].
     ///
@@ -699,35 +648,5 @@ mod tests {
         assert!(!graceful.has_signal_layer());
         let _loud = graceful.layer().layer(service_fn(hello));
         assert!(graceful.has_signal_layer());
-    }
-
-    /// What a request's extensions start from: the signal (or nothing) in
-    /// a map of their own, whatever was there before kept, and the next
-    /// request's copy untouched by what this one does with its own.
-    #[test]
-    fn presized_extensions_give_each_request_its_own_copy() {
-        let graceful = Graceful::new();
-        let presized = Presized::new(Some(graceful.signal_with(true)));
-
-        let mut first = http::Extensions::new();
-        presized.put_in(&mut first);
-        assert_eq!(first.len(), 1);
-        assert!(first.get::<ShutdownSignal>().unwrap().is_from(&graceful));
-        first.insert(7u32);
-        first.remove::<ShutdownSignal>();
-
-        // Into extensions that have a map already (hyper's upgrade, say).
-        let mut second = http::Extensions::new();
-        second.insert("upgrade");
-        presized.put_in(&mut second);
-        assert_eq!(second.len(), 2);
-        assert_eq!(second.get::<&str>(), Some(&"upgrade"));
-        assert!(second.get::<ShutdownSignal>().unwrap().is_from(&graceful));
-        assert_eq!(second.get::<u32>(), None);
-
-        let mut none = http::Extensions::new();
-        Presized::new(None).put_in(&mut none);
-        assert!(none.is_empty());
-        assert!(none.get::<ShutdownSignal>().is_none());
     }
 }
