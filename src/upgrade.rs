@@ -485,7 +485,7 @@ impl Upgrader {
                 }
             }
         };
-        let outcome = tokio::select! {
+        tokio::select! {
             ready = read_ready => {
                 if ready {
                     return channel
@@ -509,8 +509,7 @@ impl Upgrader {
                 timeout: self.ready_timeout,
             }),
             () = cancel.cancelled() => Err(Error::Cancelled),
-        };
-        outcome
+        }
     }
 
     /// The readiness channel of the generation this one handed over to, on
