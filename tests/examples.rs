@@ -634,16 +634,7 @@ async fn run_bench(name: &str, args: &[&str]) -> String {
 async fn axum_example_metrics_count_the_upgrade_and_the_drain_across_a_restart() {
     timeout(BOUND, async {
         let server = Server::start_with(Deploy::of("axum-metrics", "axum"), &[], &[]).await;
-        let scrape = || async {
-            let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).await.unwrap();
-            text
-        };
+        let scrape = || support::get_path_body(server.addr, "/metrics");
         let before = scrape().await;
         assert!(before.contains("\nhandover_generation 1\n"), "{before}");
         assert!(!before.contains("handover_upgrades_total"), "{before}");

@@ -271,10 +271,18 @@ pub fn namespace_pid(pid: u32) -> u32 {
 /// The body of `GET /` from the server at `addr`, on a connection of its
 /// own that the server closes after it.
 pub async fn get_body(addr: SocketAddr) -> String {
+    get_path_body(addr, "/").await
+}
+
+/// The body of `GET path` from the server at `addr`, on a connection of
+/// its own that the server closes after it.
+pub async fn get_path_body(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut response = String::new();
