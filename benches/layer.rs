@@ -29,7 +29,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use handover::{Graceful, GracefulLayer};
+use handover::Graceful;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -147,12 +147,13 @@ fn layer(c: &mut Criterion) {
     group.bench_function("floor", |b| b.iter(|| one_request(&mut floor)));
 
     let graceful = Graceful::new();
-    let mut layered = GracefulLayer::new(graceful.clone())
-        .signal_extension(false)
-        .layer(service_fn(hello));
+    let mut layered = graceful.layer().layer(service_fn(hello));
     group.bench_function("graceful", |b| b.iter(|| one_request(&mut layered)));
 
-    let mut with_signal = graceful.layer().layer(service_fn(hello));
+    let mut with_signal = graceful
+        .layer()
+        .signal_extension(true)
+        .layer(service_fn(hello));
     group.bench_function("graceful+signal_extension", |b| {
         b.iter(|| one_request(&mut with_signal))
     });

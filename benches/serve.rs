@@ -13,7 +13,7 @@
 //! - an axum `Router` under `Handover::serve` (which counts every request
 //!   itself), against the same `Router` under `axum::serve` (`TCP_NODELAY`
 //!   on, as handover sets it);
-//! - the same, with `.layer(handover.layer())` on the `Router`, as code
+//! - the same, with `.layer(handover.graceful().layer())` on the `Router`, as code
 //!   written for another server has it (under `Handover::serve` the layer
 //!   counts nothing again, but axum boxes each layered route and its
 //!   response body);
@@ -94,7 +94,9 @@ impl Kind {
     fn describe(self) -> &'static str {
         match self {
             Kind::AxumHandover => "axum Router, Handover::serve",
-            Kind::AxumLayerHandover => "the Router + .layer(handover.layer()), Handover::serve",
+            Kind::AxumLayerHandover => {
+                "the Router + .layer(handover.graceful().layer()), Handover::serve"
+            }
             Kind::AxumServe => "the same Router, axum::serve",
             Kind::AxumNoopLayerServe => "the Router + a layer that does nothing, axum::serve",
             Kind::BareHandover => "tower::service_fn, Handover::serve",
@@ -450,7 +452,7 @@ mod server {
                     handover.serve(listener, router()).await.expect("serve");
                 }
                 (Kind::AxumLayerHandover, Some(handover)) => {
-                    let app = router().layer(handover.layer());
+                    let app = router().layer(handover.graceful().layer());
                     handover.serve(listener, app).await.expect("serve");
                 }
                 (Kind::BareHandover, Some(handover)) => {

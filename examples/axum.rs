@@ -33,7 +33,7 @@
 //!   generation, upgrades, drains: see the crate's `metrics` module);
 //! - `GET /events` is a server-sent event stream (one `tick` a second, its
 //!   `id:` continuing after the `Last-Event-ID` the client sends) that
-//!   watches the [`ShutdownSignal`]: when this generation starts draining,
+//!   watches the [`DrainSignal`]: when this generation starts draining,
 //!   it sends a last `bye` event, with `retry:` set so the browser's
 //!   `EventSource` reconnects at once, to the next generation, and ends;
 //! - `GET /ws` is a WebSocket echo, split into a reader and a writer half;
@@ -62,7 +62,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{any, get, post};
 use axum::{Extension, Router};
 use futures_util::{SinkExt, Stream, StreamExt, stream};
-use handover::{Exit, Handover, ShutdownSignal};
+use handover::{DrainSignal, Exit, Handover};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
@@ -99,7 +99,7 @@ async fn echo(body: String) -> String {
 
 /// A readiness probe that turns 503 when the drain starts, so a load
 /// balancer stops sending new work to this process.
-async fn ready(Extension(shutdown): Extension<ShutdownSignal>) -> StatusCode {
+async fn ready(Extension(shutdown): Extension<DrainSignal>) -> StatusCode {
     if shutdown.is_draining() {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -112,7 +112,7 @@ async fn ready(Extension(shutdown): Extension<ShutdownSignal>) -> StatusCode {
 /// would otherwise run forever.
 async fn events(
     headers: HeaderMap,
-    Extension(shutdown): Extension<ShutdownSignal>,
+    Extension(shutdown): Extension<DrainSignal>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let pid = std::process::id();
     // A client that reconnects says where it was: carry on from there.
@@ -143,7 +143,7 @@ async fn events(
 /// upgraded connection stays counted until both halves are gone
 /// (`track_upgrade` makes that true under any server, not only
 /// `handover`'s, which tracks it by itself).
-async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<ShutdownSignal>) -> Response {
+async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<DrainSignal>) -> Response {
     let token = shutdown.track_upgrade();
     upgrade.on_upgrade(move |socket| async move {
         echo_split(socket, shutdown).await;
@@ -151,7 +151,7 @@ async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<ShutdownSi
     })
 }
 
-async fn echo_split(socket: WebSocket, shutdown: ShutdownSignal) {
+async fn echo_split(socket: WebSocket, shutdown: DrainSignal) {
     let (mut sink, mut stream) = socket.split();
     let (texts, mut to_send) = tokio::sync::mpsc::channel(16);
     let reader = tokio::spawn(async move {
@@ -228,6 +228,7 @@ fn session_tickets(
 }
 
 fn app(handover: &Handover, prometheus: PrometheusHandle) -> Router {
+    let signal = handover.graceful().layer().signal_extension(true);
     Router::new()
         .route("/", get(hello))
         .route("/metrics", get(move || async move { prometheus.render() }))
@@ -235,11 +236,11 @@ fn app(handover: &Handover, prometheus: PrometheusHandle) -> Router {
         .route("/whoami", get(whoami))
         .route("/echo", post(echo))
         // `serve` counts every request until its body ends; the layer, on
-        // the routes whose handlers read the `ShutdownSignal`, puts it in
+        // the routes whose handlers read the `DrainSignal`, puts it in
         // their requests (and counts nothing again).
-        .route("/events", get(events).layer(handover.layer()))
-        .route("/ws", any(ws).layer(handover.layer()))
-        .route("/ready", get(ready).layer(handover.layer()))
+        .route("/events", get(events).layer(signal.clone()))
+        .route("/ws", any(ws).layer(signal.clone()))
+        .route("/ready", get(ready).layer(signal))
         .with_state(Arc::new(AppState::default()))
 }
 
@@ -322,7 +323,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             // As `into_make_service_with_connect_info` does for `axum::serve`.
             .connect_info(|_, client: &SocketAddr| ConnectInfo(*client));
         let exit = match tls {
-            Some(tls) => serve.acceptor(move |tcp| tls.accept(tcp)).await?,
+            Some(tls) => serve.handshake(move |tcp| tls.accept(tcp)).await?,
             None => serve.await?,
         };
         match exit {

@@ -3,8 +3,8 @@
 //! ```text
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
 //!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
-//!     [--tcp-nodelay on|off] [--stable-parent on|off] [--standby on|off]
-//!     [--control-socket PATH]
+//!     [--warmup-until PATH] [--tcp-nodelay on|off] [--stable-parent on|off]
+//!     [--standby on|off] [--control-socket PATH]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -37,7 +37,9 @@
 //! `--warmup-ms` stands for an application that must warm up (fill caches,
 //! connect to a database) before it can serve: it takes its listener, waits
 //! that long, and only then says it is ready, so the previous generation
-//! serves until then.
+//! serves until then. `--warmup-until PATH` warms up until a file exists
+//! at PATH instead: a warm-up that ends when something outside says so (a
+//! database that comes up, or a test).
 //!
 //! Operators script against this behaviour: keep it stable.
 
@@ -56,7 +58,7 @@ use axum::response::Response;
 use axum::response::sse::{Event, Sse};
 use axum::{Extension, Router, extract::Path, routing::get};
 use futures_util::{Stream, StreamExt};
-use handover::{Exit, Handover, ShutdownSignal};
+use handover::{DrainSignal, Exit, Handover};
 use tokio_stream::wrappers::IntervalStream;
 
 /// The example server of the README: restart it with `kill -HUP`.
@@ -83,6 +85,10 @@ struct Args {
     /// Wait this long before saying ready (an application that warms up).
     #[arg(long, value_name = "MS", default_value_t = 0)]
     warmup_ms: u64,
+    /// Before saying ready, wait until a file exists at this path (checked
+    /// every 10 ms).
+    #[arg(long, value_name = "PATH")]
+    warmup_until: Option<PathBuf>,
     /// TCP_NODELAY on accepted connections.
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = common::on_off)]
     tcp_nodelay: bool,
@@ -107,13 +113,13 @@ async fn sleep(Path(ms): Path<u64>) -> String {
     format!("slept {ms} in {}", std::process::id())
 }
 
-async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<ShutdownSignal>) -> Response {
+async fn ws(upgrade: WebSocketUpgrade, Extension(shutdown): Extension<DrainSignal>) -> Response {
     // `serve` keeps the upgraded connection counted until the socket is
     // dropped, and forces it at the close grace.
     upgrade.on_upgrade(move |socket| echo(socket, shutdown))
 }
 
-async fn echo(mut socket: WebSocket, shutdown: ShutdownSignal) {
+async fn echo(mut socket: WebSocket, shutdown: DrainSignal) {
     loop {
         tokio::select! {
             // Messages already received are echoed before the goodbye.
@@ -142,7 +148,7 @@ async fn echo(mut socket: WebSocket, shutdown: ShutdownSignal) {
 
 async fn events(
     headers: HeaderMap,
-    Extension(shutdown): Extension<ShutdownSignal>,
+    Extension(shutdown): Extension<DrainSignal>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let pid = std::process::id();
     let first = headers
@@ -197,19 +203,26 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let listener = handover.tcp("http", args.addr)?;
         tracing::info!(pid = std::process::id(), addr = %listener.local_addr()?, "listening");
         // `serve` counts every request until its body ends. The layer, on
-        // the routes whose handlers read the `ShutdownSignal`, puts it in
+        // the routes whose handlers read the `DrainSignal`, puts it in
         // their requests (and counts nothing again).
+        let signal = handover.graceful().layer().signal_extension(true);
         let app = Router::new()
             .route("/", get(hello))
             .route("/sleep/{ms}", get(sleep))
-            .route("/ws", get(ws).layer(handover.layer()))
-            .route("/events", get(events).layer(handover.layer()))
+            .route("/ws", get(ws).layer(signal.clone()))
+            .route("/events", get(events).layer(signal))
             // Turns every handler into a route once, as `axum::serve` does,
             // rather than on every request.
             .with_state(());
         if !warmup.is_zero() {
             tracing::info!(warmup_ms = args.warmup_ms, "warming up");
             tokio::time::sleep(warmup).await;
+        }
+        if let Some(until) = &args.warmup_until {
+            tracing::info!(until = %until.display(), "warming up");
+            while !until.exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         // Tells the previous generation (which then drains), writes the pid
         // file, notifies systemd. A failure here is logged; serving goes on.

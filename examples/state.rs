@@ -159,6 +159,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (pad, panic) = (args.pad, args.panic_in_snapshot);
     let delay = Duration::from_millis(args.snapshot_delay_ms);
     handover.hand_over_state(move || {
+        tracing::info!("taking the snapshot");
         if panic {
             panic!("the snapshot panics, as asked");
         }

@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
-use handover::{Handover, ShutdownSignal};
+use handover::{DrainSignal, Handover};
 use tokio::net::TcpStream;
 use tokio_stream::wrappers::IntervalStream;
 use tonic::transport::server::TcpConnectInfo;
@@ -42,7 +42,7 @@ use ticker::ticker_server::{Ticker, TickerServer};
 use ticker::{HelloReply, HelloRequest, Tick, TicksRequest};
 
 struct TickerService {
-    shutdown: ShutdownSignal,
+    shutdown: DrainSignal,
 }
 
 type TickStream = Pin<Box<dyn Stream<Item = Result<Tick, Status>> + Send>>;

@@ -1,10 +1,13 @@
-//! The crate's error type.
+//! The crate's error type, and the one services and bodies may fail with.
 
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
+
+/// The error type services and bodies may fail with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What went wrong, said so that an operator can act on it.
 #[derive(Debug)]

@@ -22,8 +22,9 @@ use std::process::ExitStatus;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::error::Error;
-use crate::listener::LISTEN_PID;
-use crate::notify::{self, NOTIFY_SOCKET};
+use crate::inherit::env::{LISTEN_PID, NOTIFY_SOCKET};
+use crate::notify;
+use crate::signals::{self, Command};
 use crate::sys::process::{self, Process};
 
 /// Starts the first generation under this process, and stays its parent
@@ -92,14 +93,14 @@ impl Generations {
         }
         match Process::open(pid) {
             Ok(generation) => {
-                log!(info, pid, "stable parent: a new generation is ready");
+                log!(info, pid, "a new generation is ready");
                 if let Some(signal) = self.stopping {
                     let _ = generation.signal(signal);
                 }
                 self.add(generation);
             }
             Err(e) => {
-                log!(warn, pid, error = %e, "stable parent: a generation said it was ready but cannot be watched")
+                log!(warn, pid, error = %e, "a generation said it was ready but cannot be watched")
             }
         }
     }
@@ -138,7 +139,7 @@ impl Generations {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    log!(warn, error = %e, "stable parent: reaping children");
+                    log!(warn, error = %e, "reaping children");
                     break;
                 }
             }
@@ -152,10 +153,10 @@ impl Generations {
         Some(self.newest_status.unwrap_or_else(|| {
             let pid = self.newest;
             if self.stopping.is_some() {
-                log!(info, ?pid, "stable parent: the newest generation exited as another's child, after a shutdown signal");
+                log!(info, ?pid, "the newest generation exited as another's child, after a shutdown signal");
                 ExitStatus::from_raw(0)
             } else {
-                log!(warn, ?pid, "stable parent: the newest generation exited as another's child, its status unknown: exiting with 1");
+                log!(warn, ?pid, "the newest generation exited as another's child, its status unknown: exiting with 1");
                 ExitStatus::from_raw(1 << 8)
             }
         }))
@@ -166,7 +167,7 @@ impl Generations {
 async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<ExitStatus, Error> {
     // Signals are handled before the first generation exists, so none sent
     // from its start on is lost.
-    let mut signals = crate::handover::signal_channel(&upgrade, &shutdown)?;
+    let mut signals = signals::channel(&upgrade, &shutdown)?;
     let mut children =
         signal(SignalKind::child()).map_err(|e| Error::io("listening for SIGCHLD", e))?;
     let (socket, address) = notify_socket()?;
@@ -181,21 +182,17 @@ async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<Exi
         Process::open(first)
             .map_err(|e| Error::io("watching the first generation (pidfd_open)", e))?,
     );
-    log!(
-        info,
-        pid = first,
-        "stable parent: started the first generation"
-    );
+    log!(info, pid = first, "started the first generation");
 
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
-            Some((kind, is_upgrade)) = signals.recv() => {
+            Some((kind, command)) = signals.recv() => {
                 let signal = kind.as_raw_value();
-                if is_upgrade {
+                if command == Command::Upgrade {
                     generations.upgrade(signal);
                 } else {
-                    log!(info, signal, "stable parent: passing on a shutdown signal");
+                    log!(info, signal, "passing on a shutdown signal");
                     generations.shut_down(signal);
                 }
             }
@@ -212,7 +209,7 @@ async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<Exi
                     message(&mut generations, &buf[..n]);
                 }
                 if let Some(status) = generations.reap() {
-                    log!(info, status = %status, "stable parent: no generation left; exiting");
+                    log!(info, status = %status, "no generation left; exiting");
                     return Ok(status);
                 }
             }

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
+use crate::inherit::env::NOTIFY_SOCKET;
 
 /// Writes our pid to `path` atomically: a temporary file in the same
 /// directory, then a rename over `path`.
@@ -59,9 +60,6 @@ pub(crate) fn remove_pid_file_if_ours(path: &Path) -> Result<bool, Error> {
     }
     Ok(ours)
 }
-
-/// The environment variable naming systemd's notification socket.
-pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// Sends `state` (such as `READY=1`) to systemd when `NOTIFY_SOCKET` is
 /// set; does nothing otherwise.

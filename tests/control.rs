@@ -13,7 +13,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::{
-    Deploy, Launch, Server, fd_count, is_alive, processes_from, send_signal, wait_exit, wait_until,
+    Deploy, Launch, Server, fd_count, is_alive, processes_from, send_signal, unreaped_children_of,
+    wait_exit, wait_until,
 };
 use tokio::time::timeout;
 
@@ -22,12 +23,11 @@ const BOUND: Duration = Duration::from_secs(110);
 /// The `handover` tool, run with `args`: whether it exited 0, and what it
 /// printed on stdout and on stderr.
 async fn cli(args: &[&str]) -> (bool, String, String) {
-    cli_as(None, args).await
+    cli_as(None, env!("CARGO_BIN_EXE_handover").as_ref(), args).await
 }
 
-/// The same, run through `prefix` (`setpriv …`), if given.
-async fn cli_as(prefix: Option<&[&str]>, args: &[&str]) -> (bool, String, String) {
-    let tool = env!("CARGO_BIN_EXE_handover");
+/// The tool at `tool`, run through `prefix` (`setpriv …`), if given.
+async fn cli_as(prefix: Option<&[&str]>, tool: &Path, args: &[&str]) -> (bool, String, String) {
     let mut command = match prefix {
         Some(prefix) => {
             let mut command = tokio::process::Command::new(prefix[0]);
@@ -157,11 +157,14 @@ async fn a_failed_upgrade_exits_non_zero_with_the_reason_and_the_old_generation_
             assert_eq!(field(&status, "last_upgrade"), reason);
             assert!(field(&status, "last_upgrade_message").contains(says));
         }
-        assert_eq!(
-            processes_from(&server.deploy.dir),
-            vec![old],
-            "children reaped"
+        // The children (a script that exited, a `sleep` killed) are gone,
+        // not left as zombies.
+        assert!(
+            unreaped_children_of(old).is_empty(),
+            "children reaped: {:?}",
+            unreaped_children_of(old)
         );
+        assert_eq!(processes_from(&server.deploy.dir), vec![old]);
         server.deploy.install_good();
         let (ok, reply, _) = cli(&["upgrade", path]).await;
         assert!(ok, "and the next upgrade works: {reply}");
@@ -223,24 +226,39 @@ async fn a_refused_upgrade_exits_non_zero_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_upgrade_requests_at_once_make_exactly_one_new_generation() {
     timeout(BOUND, async {
-        // A warm-up makes each upgrade take half a second.
-        let (server, socket) = start("control-twice", &["--warmup-ms", "500"]).await;
+        // The next generation warms up until the gate opens: the first
+        // request's upgrade is under way until then.
+        let gate_path = std::env::temp_dir().join(format!(
+            "handover-control-twice-gate-{}",
+            std::process::id()
+        ));
+        let gate = support::Gate { path: gate_path };
+        gate.open();
+        let (server, socket) = start("control-twice", &["--warmup-until", gate.arg()]).await;
+        gate.close();
         let path = socket.to_str().unwrap().to_owned();
         let old = server.current_pid();
         let args = ["upgrade", path.as_str()];
-        let (a, b) = tokio::join!(cli(&args), cli(&args));
-        let (won, lost) = if a.0 { (a, b) } else { (b, a) };
-        assert!(won.0, "{won:?}");
+        let (mut a, mut b) = (Box::pin(cli(&args)), Box::pin(cli(&args)));
+        // The one refused answers while the other still waits at the gate.
+        let (lost, won) = tokio::select! {
+            lost = &mut a => (lost, b),
+            lost = &mut b => (lost, a),
+        };
         assert!(!lost.0, "{lost:?}");
         assert_eq!(field(&lost.1, "reason"), "in_progress", "{lost:?}");
         assert!(
             lost.2.contains("an upgrade is already in progress"),
             "{lost:?}"
         );
+        gate.open();
+        let won = won.await;
+        assert!(won.0, "{won:?}");
         let new: u32 = field(&won.1, "pid").parse().unwrap();
         wait_exit("the old generation exits", old).await;
         assert_eq!(processes_from(&server.deploy.dir), vec![new]);
         server.stop().await;
+        gate.close();
     })
     .await
     .unwrap();
@@ -279,30 +297,35 @@ async fn other_users_and_bad_or_many_peers_are_refused_and_disturb_nothing() {
             "--regid=65534",
             "--clear-groups",
         ];
-        // The tool itself must be reachable by that user: a copy in the
-        // deploy directory.
+        // The tool itself must be reachable by that user (a checkout may be
+        // 0700): a copy in the deploy directory, which that user may enter.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&server.deploy.dir, std::fs::Permissions::from_mode(0o755))
             .unwrap();
+        let tool = server.deploy.dir.join("handover-tool");
+        std::fs::copy(env!("CARGO_BIN_EXE_handover"), &tool).unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(
             mode & 0o777,
             0o600,
             "the socket is the server's user's only"
         );
-        let (ok, reply, stderr) = cli_as(Some(nobody), &["status", path.as_str()]).await;
+        let (ok, reply, stderr) = cli_as(Some(nobody), &tool, &["status", path.as_str()]).await;
         assert!(!ok, "{reply}");
-        assert!(stderr.contains("Permission denied"), "{stderr}");
+        // The tool ran, and the socket's mode kept it out.
+        assert!(
+            stderr.contains(&format!("asking the server at {path} to status"))
+                && stderr.contains("Permission denied"),
+            "{stderr}"
+        );
         std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let (ok, reply, _) = cli_as(Some(nobody), &["upgrade", path.as_str()]).await;
+        let (ok, reply, _) = cli_as(Some(nobody), &tool, &["upgrade", path.as_str()]).await;
         assert!(!ok, "{reply}");
         assert_eq!(field(&reply, "reason"), "refused", "{reply}");
         assert!(field(&reply, "message").contains("uid 65534 may not use this socket"));
         server
-            .wait_log(
-                "control socket: refused a peer that runs as another user",
-                1,
-            )
+            .wait_log("refused a peer that runs as another user", 1)
             .await;
         assert!(server.log_text().contains("peer_uid=65534"));
 

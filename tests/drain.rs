@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use handover::{Graceful, ShutdownSignal, TrackedBody};
+use handover::layer::ResponseBody;
+use handover::{DrainSignal, Graceful};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response};
 use http_body::{Body as _, Frame};
@@ -18,6 +19,22 @@ use tokio_test::{assert_pending, assert_ready, task};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 type Chunk = Result<Frame<Bytes>, Infallible>;
+
+/// A handle whose drain times out after `drain` and whose close grace is
+/// `close`.
+fn graceful_with(drain: Duration, close: Duration) -> Graceful {
+    Graceful::builder()
+        .drain_timeout(drain)
+        .close_grace(close)
+        .build()
+}
+
+/// A handle whose drain times out after `secs` seconds.
+fn draining_within(secs: u64) -> Graceful {
+    Graceful::builder()
+        .drain_timeout(Duration::from_secs(secs))
+        .build()
+}
 type StreamingBody = StreamBody<ReceiverStream<Chunk>>;
 
 /// A service whose responses stream whatever the test sends on the channel
@@ -26,7 +43,7 @@ type StreamingBody = StreamBody<ReceiverStream<Chunk>>;
 fn streaming(
     graceful: &Graceful,
 ) -> (
-    impl Service<Request<()>, Response = Response<TrackedBody<StreamingBody>>, Error = Infallible>
+    impl Service<Request<()>, Response = Response<ResponseBody<StreamingBody>>, Error = Infallible>
     + Clone,
     mpsc::UnboundedReceiver<mpsc::Sender<Chunk>>,
 ) {
@@ -39,7 +56,7 @@ fn streaming_as(
     graceful: &Graceful,
     content_type: Option<&'static str>,
 ) -> (
-    impl Service<Request<()>, Response = Response<TrackedBody<StreamingBody>>, Error = Infallible>
+    impl Service<Request<()>, Response = Response<ResponseBody<StreamingBody>>, Error = Infallible>
     + Clone,
     mpsc::UnboundedReceiver<mpsc::Sender<Chunk>>,
 ) {
@@ -133,14 +150,14 @@ async fn inner_errors_pass_through_unchanged_and_release() {
 
 #[tokio::test(start_paused = true)]
 async fn drain_returns_exactly_when_the_last_body_ends() {
-    let graceful = Graceful::new();
+    let graceful = draining_within(60);
     let (svc, mut senders) = streaming(&graceful);
     let mut first = svc.clone().oneshot(Request::new(())).await.unwrap();
     let tx1 = senders.recv().await.unwrap();
     let mut second = svc.oneshot(Request::new(())).await.unwrap();
     let tx2 = senders.recv().await.unwrap();
 
-    let mut drain = task::spawn(graceful.drain(Duration::from_secs(60)));
+    let mut drain = task::spawn(graceful.drain());
     assert_pending!(drain.poll());
 
     drop(tx1);
@@ -164,7 +181,7 @@ async fn drain_returns_exactly_when_the_last_body_ends() {
 
 #[tokio::test(start_paused = true)]
 async fn deadline_returns_with_the_forced_count() {
-    let graceful = Graceful::new();
+    let graceful = draining_within(10);
     let (svc, mut senders) = streaming(&graceful);
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -175,7 +192,7 @@ async fn deadline_returns_with_the_forced_count() {
 
     let drain = tokio::spawn({
         let graceful = graceful.clone();
-        async move { graceful.drain(Duration::from_secs(10)).await }
+        async move { graceful.drain().await }
     });
     tokio::task::yield_now().await;
     assert!(graceful.is_draining());
@@ -193,7 +210,7 @@ async fn deadline_returns_with_the_forced_count() {
 
 #[tokio::test(start_paused = true)]
 async fn requests_during_a_drain_are_counted_and_get_connection_close() {
-    let graceful = Graceful::new();
+    let graceful = draining_within(60);
     let (svc, mut senders) = streaming(&graceful);
 
     let before = svc.clone().oneshot(Request::new(())).await.unwrap();
@@ -206,7 +223,7 @@ async fn requests_during_a_drain_are_counted_and_get_connection_close() {
     assert_eq!(during.headers()[CONNECTION], "close");
     assert_eq!(graceful.in_flight(), 1);
 
-    let mut drain = task::spawn(graceful.drain(Duration::from_secs(60)));
+    let mut drain = task::spawn(graceful.drain());
     assert_pending!(
         drain.poll(),
         "the drain waits for requests that came during it"
@@ -219,13 +236,13 @@ async fn requests_during_a_drain_are_counted_and_get_connection_close() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_signal_fires_once_a_drain_starts() {
+async fn the_drain_signal_fires_once_a_drain_starts() {
     let graceful = Graceful::new();
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let svc = graceful.layer().layer(service_fn({
+    let svc = graceful.layer().signal_extension(true).layer(service_fn({
         let seen = seen.clone();
         move |req: Request<()>| {
-            *seen.lock().unwrap() = req.extensions().get::<ShutdownSignal>().cloned();
+            *seen.lock().unwrap() = req.extensions().get::<DrainSignal>().cloned();
             std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))))
         }
     }));
@@ -234,7 +251,7 @@ async fn shutdown_signal_fires_once_a_drain_starts() {
         .lock()
         .unwrap()
         .take()
-        .expect("the layer puts a ShutdownSignal in the extensions");
+        .expect("the layer puts a DrainSignal in the extensions");
     let standalone = graceful.signal();
 
     let mut a = task::spawn(from_handler.clone().into_future());
@@ -256,7 +273,7 @@ async fn shutdown_signal_fires_once_a_drain_starts() {
 async fn concurrent_requests_never_leave_the_count_off() {
     const TASKS: usize = 8;
     const REQUESTS: usize = 5_000;
-    let graceful = Graceful::new();
+    let graceful = draining_within(1);
     let svc = graceful
         .layer()
         .layer(service_fn(|_req: Request<()>| async {
@@ -300,44 +317,36 @@ async fn concurrent_requests_never_leave_the_count_off() {
     done.store(true, Ordering::SeqCst);
     sampler.await.unwrap();
     assert_eq!(graceful.in_flight(), 0);
-    let report = tokio::time::timeout(
-        Duration::from_secs(5),
-        graceful.drain(Duration::from_secs(1)),
-    )
-    .await
-    .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(5), graceful.drain())
+        .await
+        .unwrap();
     assert!(report.is_clean());
 }
 
 #[tokio::test(start_paused = true)]
 async fn drain_twice_reports_against_the_same_start() {
-    let graceful = Graceful::new();
+    let graceful = draining_within(10);
     let (svc, mut senders) = streaming(&graceful);
     let _response = svc.oneshot(Request::new(())).await.unwrap();
     let _tx = senders.recv().await.unwrap();
 
     // A first wait gives up (dropped) after 3 s; the second keeps the
     // deadline of the drain that started then.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(3),
-        graceful.drain(Duration::from_secs(10)),
-    )
-    .await;
-    let report = graceful.drain(Duration::from_secs(10)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), graceful.drain()).await;
+    let report = graceful.drain().await;
     assert_eq!(report.elapsed, Duration::from_secs(10));
     assert_eq!(report.requests_forced, 1);
 }
 
-/// Starts a drain of `graceful` with a 10 s timeout in a task of its own.
+/// Starts a drain of `graceful` in a task of its own.
 fn spawn_drain(graceful: &Graceful) -> tokio::task::JoinHandle<handover::DrainReport> {
     let graceful = graceful.clone();
-    tokio::spawn(async move { graceful.drain(Duration::from_secs(10)).await })
+    tokio::spawn(async move { graceful.drain().await })
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_event_stream_waiting_at_the_close_grace_ends_after_its_last_whole_event() {
-    let graceful = Graceful::new();
-    graceful.set_close_grace(Duration::from_secs(1));
+    let graceful = graceful_with(Duration::from_secs(10), Duration::from_secs(1));
     let (svc, mut senders) = streaming_as(&graceful, Some("text/event-stream"));
     let mut response = svc.oneshot(Request::new(())).await.unwrap();
     let tx = senders.recv().await.unwrap();
@@ -364,8 +373,7 @@ async fn an_event_stream_waiting_at_the_close_grace_ends_after_its_last_whole_ev
 
 #[tokio::test(start_paused = true)]
 async fn an_event_stream_ends_the_moment_the_close_grace_passes() {
-    let graceful = Graceful::new();
-    graceful.set_close_grace(Duration::from_millis(1500));
+    let graceful = graceful_with(Duration::from_secs(10), Duration::from_millis(1500));
     let (svc, mut senders) = streaming_as(&graceful, Some("text/event-stream"));
     let mut response = svc.oneshot(Request::new(())).await.unwrap();
     let _tx = senders.recv().await.unwrap();
@@ -378,8 +386,7 @@ async fn an_event_stream_ends_the_moment_the_close_grace_passes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_grpc_stream_waiting_at_the_close_grace_ends_with_unavailable() {
-    let graceful = Graceful::new();
-    graceful.set_close_grace(Duration::from_secs(1));
+    let graceful = graceful_with(Duration::from_secs(10), Duration::from_secs(1));
     let (svc, mut senders) = streaming_as(&graceful, Some("application/grpc+proto"));
     let mut response = svc.oneshot(Request::new(())).await.unwrap();
     let tx = senders.recv().await.unwrap();
@@ -400,8 +407,7 @@ async fn a_grpc_stream_waiting_at_the_close_grace_ends_with_unavailable() {
 
 #[tokio::test(start_paused = true)]
 async fn other_bodies_are_not_cut_at_the_close_grace() {
-    let graceful = Graceful::new();
-    graceful.set_close_grace(Duration::from_secs(1));
+    let graceful = graceful_with(Duration::from_secs(10), Duration::from_secs(1));
     // A download, and gRPC-Web (whose trailers live in the body).
     for content_type in [
         None,
@@ -428,7 +434,7 @@ async fn other_bodies_are_not_cut_at_the_close_grace() {
 
 #[tokio::test(start_paused = true)]
 async fn an_upgraded_connection_counts_until_its_token_drops() {
-    let graceful = Graceful::new();
+    let graceful = draining_within(10);
     let token = graceful.signal().track_upgrade();
     assert_eq!(graceful.upgraded(), 1);
     let drain = spawn_drain(&graceful);
@@ -446,8 +452,7 @@ async fn an_upgraded_connection_counts_until_its_token_drops() {
 
 #[tokio::test(start_paused = true)]
 async fn upgraded_connections_open_at_the_close_grace_are_forced_and_not_waited_for() {
-    let graceful = Graceful::new();
-    graceful.set_close_grace(Duration::from_secs(2));
+    let graceful = graceful_with(Duration::from_secs(10), Duration::from_secs(2));
     let held: Vec<_> = (0..3).map(|_| graceful.upgrade_token()).collect();
     let ending = graceful.upgrade_token();
     let drain = spawn_drain(&graceful);
@@ -464,17 +469,16 @@ async fn upgraded_connections_open_at_the_close_grace_are_forced_and_not_waited_
     drop(held);
     let late = graceful.upgrade_token();
     assert_eq!(graceful.upgraded(), 0);
-    let again = graceful.drain(Duration::from_secs(10)).await;
+    let again = graceful.drain().await;
     assert_eq!((again.upgraded_finished, again.upgraded_forced), (1, 4));
     drop(late);
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_close_grace_is_capped_by_the_drain_timeout() {
-    let graceful = Graceful::new();
-    graceful.set_close_grace(Duration::from_secs(60));
+    let graceful = graceful_with(Duration::from_secs(5), Duration::from_secs(60));
     let token = graceful.upgrade_token();
-    let report = graceful.drain(Duration::from_secs(5)).await;
+    let report = graceful.drain().await;
     assert_eq!(report.elapsed, Duration::from_secs(5));
     assert_eq!(report.upgraded_forced, 1);
     drop(token);

@@ -127,7 +127,9 @@ async fn emfile_child() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("PORT {}", listener.local_addr().unwrap().port());
 
-    let graceful = handover::Graceful::new();
+    let graceful = handover::Graceful::builder()
+        .drain_timeout(Duration::from_secs(5))
+        .build();
     let trigger = graceful.clone();
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
@@ -138,7 +140,6 @@ async fn emfile_child() {
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
     let report = handover::serve(listener, app, &graceful)
         .idle_grace(Duration::from_millis(50))
-        .drain_timeout(Duration::from_secs(5))
         .await
         .unwrap();
     eprintln!("{report}");

@@ -699,6 +699,7 @@ async fn every_command_line_answers_help_and_version_and_refuses_unknown_flags()
                 "--ready-timeout",
                 "--close-grace",
                 "--warmup-ms",
+                "--warmup-until",
                 "--tcp-nodelay",
                 "--stable-parent",
                 "--standby",

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::{
-    Deploy, Launch, Load, Server, children_of, fd_count, is_alive, processes_from, send_signal,
-    wait_exit, wait_until,
+    Deploy, Launch, Load, Server, children_of, fd_count, is_reaped, processes_from, send_signal,
+    unreaped_children_of, wait_exit, wait_until,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::time::timeout;
@@ -32,64 +32,58 @@ async fn pending_child(old: u32) -> u32 {
     child.unwrap()
 }
 
+/// A next generation killed before it takes the listeners (a deploy whose
+/// binary starts slowly), or after, while it warms up: the old generation
+/// serves on, has reaped it by the time it logs the failure, and upgrades
+/// again afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_serving() {
     timeout(BOUND, async {
-        // Every generation warms up for 800 ms between taking its listener
-        // and saying it is ready: the window "adopted, not yet ready". The
-        // latest kill below comes 500 ms in, leaving 300 ms for this test
-        // to see the log line late on a loaded machine (with 50 ms to
-        // spare, a late look let the child become ready first).
+        let deploy = Deploy::new("killed");
+        // Every generation warms up until the gate opens: open, the first
+        // becomes ready; closed, a new one stays "adopted, not yet ready"
+        // for as long as the test likes.
+        let gate = deploy.gate();
         let server = Server::start_with(
-            Deploy::new("killed"),
-            &["--ready-timeout", "5", "--warmup-ms", "800"],
+            deploy,
+            &["--ready-timeout", "30", "--warmup-until", gate.arg()],
             &[],
         )
         .await;
         let old = server.current_pid();
         let load = Load::start(server.addr, 3, "/");
         load.wait_answers(50).await;
-        let mut failures = 0;
+        gate.close();
+        let killed = |child: u32| {
+            format!("new generation (pid {child}) exited before it was ready: signal: 9 (SIGKILL)")
+        };
 
-        // 1. Before it adopts the listeners: a deploy that starts slowly.
-        let real = server.deploy.dir.join("hello.real");
-        std::fs::copy(support::hello_binary(), &real).unwrap();
-        server.deploy.install_script(&format!(
-            "#!/bin/sh\nsleep 5\nexec {} \"$@\"\n",
-            real.display()
-        ));
+        // 1. Before it adopts the listeners: a binary that waits at the
+        // gate before it execs the real one.
+        let real = server.deploy.keep_real_binary();
+        server.deploy.install_script(&gate.script(&real));
         send_signal(old, "HUP");
         let child = pending_child(old).await;
         send_signal(child, "KILL");
-        failures += 1;
-        server.wait_log("upgrade failed", failures).await;
-        assert!(!is_alive(child), "reaped");
+        server.wait_log("upgrade failed", 1).await;
+        assert!(server.logged(&killed(child)) > 0, "{}", server.log_text());
+        assert!(is_reaped(child), "reaped before the failure is logged");
         load.wait_answers(50).await;
 
-        // 2. After adopting, as it starts warming up; 3. late in the warm-up,
-        // just before it would say ready.
+        // 2. After adopting, in its warm-up.
         server.deploy.install_good();
-        for (i, delay_ms) in [0u64, 500].into_iter().enumerate() {
-            send_signal(old, "HUP");
-            let child = pending_child(old).await;
-            server.wait_log("warming up", 2 + i).await;
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            send_signal(child, "KILL");
-            failures += 1;
-            server.wait_log("upgrade failed", failures).await;
-            assert!(
-                server
-                    .log_text()
-                    .contains("exited before it was ready: signal: 9 (SIGKILL)"),
-                "{}",
-                server.log_text()
-            );
-            assert!(!is_alive(child), "reaped");
-            assert_eq!(server.current_pid(), old, "the old generation still serves");
-            load.wait_answers(50).await;
-        }
+        send_signal(old, "HUP");
+        let child = pending_child(old).await;
+        server.wait_log("warming up", 2).await;
+        send_signal(child, "KILL");
+        server.wait_log("upgrade failed", 2).await;
+        assert!(server.logged(&killed(child)) > 0, "{}", server.log_text());
+        assert!(is_reaped(child), "reaped before the failure is logged");
+        assert_eq!(server.current_pid(), old, "the old generation still serves");
+        load.wait_answers(50).await;
 
         // A good upgrade afterwards still works.
+        gate.open();
         let new = server.restart().await;
         load.wait_pid(new).await;
         load.stop_all_answered().await;
@@ -99,18 +93,21 @@ async fn a_child_killed_at_any_point_of_its_start_up_leaves_the_old_generation_s
     .unwrap();
 }
 
+/// A next generation that hangs (stopped, in its warm-up) is killed at the
+/// ready timeout, and reaped by the time that is logged.
 #[tokio::test]
 async fn a_stopped_child_is_killed_at_the_ready_timeout_and_reaped() {
     timeout(BOUND, async {
+        let deploy = Deploy::new("stopped");
+        let gate = deploy.gate();
         let server = Server::start_with(
-            Deploy::new("stopped"),
-            // 500 ms of warm-up leaves time to stop the child in it, well
-            // before it would be ready; 1 s is the ready timeout.
-            &["--ready-timeout", "1", "--warmup-ms", "500"],
+            deploy,
+            &["--ready-timeout", "1", "--warmup-until", gate.arg()],
             &[],
         )
         .await;
         let old = server.current_pid();
+        gate.close();
         send_signal(old, "HUP");
         let child = pending_child(old).await;
         // Stopped once it runs the new binary (warming up): a child stopped
@@ -121,9 +118,9 @@ async fn a_stopped_child_is_killed_at_the_ready_timeout_and_reaped() {
         server
             .wait_log("was not ready within 1s; it was killed", 1)
             .await;
-        assert!(!is_alive(child), "killed and reaped");
+        assert!(is_reaped(child), "killed and reaped");
         assert_eq!(server.current_pid(), old);
-        assert!(children_of(old).is_empty());
+        assert!(unreaped_children_of(old).is_empty());
         server.stop().await;
     })
     .await
@@ -156,15 +153,24 @@ async fn the_old_generation_killed_mid_drain_loses_only_what_it_held() {
         load.wait_pid(new).await;
         load.wait_answers(200).await;
 
-        let slow_failed = slow.failed.lock().unwrap().len();
+        // The slow requests fail as their connections are reset.
+        wait_until("the slow requests fail", Duration::from_secs(20), || {
+            slow.failed.lock().unwrap().len() >= 2
+        })
+        .await;
+        let slow_failed = slow.failed.lock().unwrap().clone();
+        drop(slow);
         let (ok, failed, _) = load.stop().await;
         assert!(
             failed.len() <= CLIENTS,
             "only requests in flight on the killed process may be lost: {} of {ok}: {failed:?}",
             failed.len()
         );
-        assert_eq!(slow_failed, 2, "the slow requests it held are lost");
-        drop(slow);
+        assert_eq!(
+            slow_failed.len(),
+            2,
+            "the slow requests it held are lost: {slow_failed:?}"
+        );
         let status = server.stop_any().await;
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
@@ -274,7 +280,10 @@ async fn out_of_fds_a_restart_fails_cleanly_and_recovers() {
             "{}",
             server.log_text()
         );
-        assert!(children_of(old).is_empty(), "no half-started child");
+        assert!(
+            unreaped_children_of(old).is_empty(),
+            "no half-started child"
+        );
         assert_eq!(processes_from(&server.deploy.dir), vec![old]);
 
         // Once the server has closed the connections it held (it must see

@@ -8,6 +8,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
+use support::ports::reserve;
 use support::{Deploy, children_of, send_signal, wait_exit, wait_until};
 use tokio::time::timeout;
 
@@ -41,6 +42,12 @@ async fn run_hello(shell_redirects: &str, env: &[(&str, &str)]) -> (bool, String
 
 #[tokio::test]
 async fn malformed_environments_are_clear_errors_not_panics() {
+    // A file that is not a socket, for the fds that must be one.
+    let deploy = Deploy::new("malformed");
+    let file = deploy.dir.join("not-a-socket");
+    std::fs::write(&file, "a file").unwrap();
+    let not_a_socket = |fd: u32| format!("{fd}<{}", file.display());
+    let (three, five) = (not_a_socket(3), not_a_socket(5));
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case<'_>] = &[
         (
@@ -49,7 +56,7 @@ async fn malformed_environments_are_clear_errors_not_panics() {
             "LISTEN_FDS=\"abc\": not a number of fds",
         ),
         (
-            "3</etc/hostname",
+            &three,
             &[("LISTEN_FDS", "1")],
             "inherited fd 3 named \"unknown\": it is not a socket",
         ),
@@ -74,7 +81,7 @@ async fn malformed_environments_are_clear_errors_not_panics() {
             "HANDOVER_READY_FD=\"1\": must be an fd of its own",
         ),
         (
-            "5</etc/hostname",
+            &five,
             &[("HANDOVER_READY_FD", "5")],
             "inherited fd 5 named \"HANDOVER_READY_FD\": it is not a socket or a pipe",
         ),
@@ -98,7 +105,7 @@ async fn malformed_environments_are_clear_errors_not_panics() {
             "HANDOVER_STANDBY_FD=\"abc\": not an fd number",
         ),
         (
-            "3</etc/hostname",
+            &three,
             &[("HANDOVER_STANDBY_FD", "3")],
             "HANDOVER_STANDBY_FD=\"3\": it is not a socket",
         ),
@@ -123,44 +130,28 @@ async fn malformed_environments_are_clear_errors_not_panics() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Connects until the activator listens (the connection triggers the
-/// activation).
+/// Connects once the activator listens on `port` (the connection triggers
+/// the activation).
 async fn connect_when_listening(port: u16) -> tokio::net::TcpStream {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(stream) => return stream,
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never listened: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
+    support::connect_when_listening(([127, 0, 0, 1], port).into()).await
 }
 
-async fn get(port: u16) -> String {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = client
-        .get(format!("http://127.0.0.1:{port}/").parse().unwrap())
+/// Waits for the activator, which execs `hello` and so is the first
+/// generation: it exits 0, whether it handed over or shut down.
+async fn assert_exits_cleanly(activator: &mut tokio::process::Child) {
+    let status = timeout(Duration::from_secs(20), activator.wait())
         .await
+        .expect("the first generation exits")
         .unwrap();
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
+    assert!(
+        status.success(),
+        "the first generation exited with {status}"
+    );
+}
+
+/// The body of `GET /` on 127.0.0.1:`port`.
+async fn get(port: u16) -> String {
+    support::get_body(([127, 0, 0, 1], port).into()).await
 }
 
 /// Under `systemd-socket-activate` (Debian's `systemd` package), with an
@@ -172,7 +163,8 @@ async fn systemd_socket_activation_and_notifications() {
     timeout(BOUND, async {
         let deploy = Deploy::new("systemd");
         let notify = Notifications::bind(&deploy);
-        let port = free_port();
+        let reserved = reserve();
+        let port = reserved.port;
         let (mut activator, _log) = activated_hello(&deploy, port, port, &[&notify.var], &[]).await;
         let first = activator.id().unwrap();
         let body = get(port).await;
@@ -199,7 +191,7 @@ async fn systemd_socket_activation_and_notifications() {
         send_signal(second, "TERM");
         assert_eq!(notify.next().await, "STOPPING=1");
         wait_exit("the second generation exits", second).await;
-        let _ = activator.wait().await;
+        assert_exits_cleanly(&mut activator).await;
     })
     .await
     .unwrap();
@@ -214,7 +206,8 @@ async fn a_standby_takes_over_a_socket_systemd_passed_and_systemd_hears_it() {
     timeout(BOUND, async {
         let deploy = Deploy::new("systemd-standby");
         let notify = Notifications::bind(&deploy);
-        let (passed, asked) = (free_port(), free_port());
+        let reserved = (reserve(), reserve());
+        let (passed, asked) = (reserved.0.port, reserved.1.port);
         let (mut activator, log) =
             activated_hello(&deploy, passed, asked, &[&notify.var], &["--standby", "on"]).await;
         let first = activator.id().unwrap();
@@ -242,7 +235,7 @@ async fn a_standby_takes_over_a_socket_systemd_passed_and_systemd_hears_it() {
         send_signal(standby, "TERM");
         assert_eq!(notify.next().await, "STOPPING=1");
         wait_exit("the second generation exits", standby).await;
-        let _ = activator.wait().await;
+        assert_exits_cleanly(&mut activator).await;
         let log = log.await.unwrap();
         assert_eq!(
             log.matches("listener passed by systemd is bound elsewhere than asked; keeping it")
@@ -267,7 +260,8 @@ async fn a_standby_takes_over_a_socket_systemd_passed_and_systemd_hears_it() {
 async fn an_inherited_listener_whose_name_and_address_disagree_is_a_clear_error() {
     timeout(BOUND, async {
         let deploy = Deploy::new("disagree");
-        let port = free_port();
+        let reserved = reserve();
+        let port = reserved.port;
         // Asked on every address, passed on loopback only: the port is taken.
         let (mut activator, log) =
             activate(&deploy, &[port], Some("other"), &format!("0.0.0.0:{port}"), &[], &[]).await;
@@ -300,7 +294,8 @@ async fn an_unnamed_or_unit_named_socket_is_adopted_by_its_address() {
     timeout(BOUND, async {
         for fdname in [None, Some("hello.socket")] {
             let deploy = Deploy::new("unnamed");
-            let port = free_port();
+            let reserved = reserve();
+        let port = reserved.port;
             let addr = format!("127.0.0.1:{port}");
             let (mut activator, log) = activate(&deploy, &[port], fdname, &addr, &[], &[]).await;
             let first = activator.id().unwrap();
@@ -311,7 +306,7 @@ async fn an_unnamed_or_unit_named_socket_is_adopted_by_its_address() {
             assert_eq!(get(port).await, format!("hello from {second}"), "handed on");
             send_signal(second, "TERM");
             wait_exit("the second generation exits", second).await;
-            let _ = activator.wait().await;
+            assert_exits_cleanly(&mut activator).await;
             let log = log.await.unwrap();
             let passed_as = fdname.unwrap_or("unknown");
             assert!(
@@ -338,7 +333,8 @@ async fn an_unnamed_or_unit_named_socket_is_adopted_by_its_address() {
 async fn of_two_unnamed_sockets_the_one_at_the_address_asked_for_is_adopted() {
     timeout(BOUND, async {
         let deploy = Deploy::new("unnamed-two");
-        let (other, asked) = (free_port(), free_port());
+        let reserved = (reserve(), reserve());
+        let (other, asked) = (reserved.0.port, reserved.1.port);
         let (mut activator, log) =
             activate(&deploy, &[other, asked], None, &format!("127.0.0.1:{asked}"), &[], &[]).await;
         let pid = activator.id().unwrap();
@@ -347,7 +343,7 @@ async fn of_two_unnamed_sockets_the_one_at_the_address_asked_for_is_adopted() {
         assert!(refused.is_err(), "the other socket was closed: {refused:?}");
         send_signal(pid, "TERM");
         wait_exit("the server exits", pid).await;
-        let _ = activator.wait().await;
+        assert_exits_cleanly(&mut activator).await;
         let log = log.await.unwrap();
         assert!(log.contains("fd=4 passed_as=\"unknown\" name=\"http\""), "{log}");
         assert!(
@@ -367,7 +363,8 @@ async fn a_socket_systemd_passed_stays_open_during_a_shutdown_drain() {
     timeout(BOUND, async {
         let deploy = Deploy::new("systemd-term");
         let notify = Notifications::bind(&deploy);
-        let port = free_port();
+        let reserved = reserve();
+        let port = reserved.port;
         let (mut activator, _log) = activated_hello(&deploy, port, port, &[&notify.var], &[]).await;
         let pid = activator.id().unwrap();
         assert_eq!(notify.next().await, format!("READY=1\nMAINPID={pid}"));
@@ -399,7 +396,7 @@ async fn a_socket_systemd_passed_stays_open_during_a_shutdown_drain() {
             "{response}"
         );
         wait_exit("the server exits", pid).await;
-        let _ = activator.wait().await;
+        assert_exits_cleanly(&mut activator).await;
     })
     .await
     .unwrap();
@@ -410,7 +407,8 @@ async fn a_socket_systemd_passed_stays_open_during_a_shutdown_drain() {
 #[tokio::test]
 async fn inherited_listeners_the_application_does_not_take_are_closed_when_ready() {
     timeout(BOUND, async {
-        let (port, extra) = (free_port(), free_port());
+        let reserved = (reserve(), reserve());
+        let (port, extra) = (reserved.0.port, reserved.1.port);
         let mut activator = tokio::process::Command::new(support::tool("systemd-socket-activate"))
             .arg("-l")
             .arg(format!("127.0.0.1:{port}"))
@@ -573,7 +571,8 @@ async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_s
     timeout(BOUND, async {
         // As a previous generation that bound `http` on `old` passes it.
         let deploy = Deploy::new("moved");
-        let (old, new) = (free_port(), free_port());
+        let reserved = (reserve(), reserve());
+        let (old, new) = (reserved.0.port, reserved.1.port);
         let (mut activator, log) =
             activated_hello(&deploy, old, new, &["HANDOVER_BOUND_FDNAMES=http"], &[]).await;
         let first = activator.id().unwrap();
@@ -590,7 +589,7 @@ async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_s
         assert_eq!(get(new).await, format!("hello from {second}"));
         send_signal(second, "TERM");
         wait_exit("the second generation exits", second).await;
-        let _ = activator.wait().await;
+        assert_exits_cleanly(&mut activator).await;
         let log = log.await.unwrap();
         assert_eq!(
             log.matches("listener moved to the address asked for")
@@ -605,7 +604,8 @@ async fn a_listener_a_generation_bound_follows_a_new_address_and_a_systemd_one_s
 
         // Passed by systemd: kept, with a warning.
         let deploy = Deploy::new("activated-elsewhere");
-        let (passed, asked) = (free_port(), free_port());
+        let reserved = (reserve(), reserve());
+        let (passed, asked) = (reserved.0.port, reserved.1.port);
         let (mut activator, log) = activated_hello(&deploy, passed, asked, &[], &[]).await;
         let pid = activator.id().unwrap();
         assert_eq!(get(passed).await, format!("hello from {pid}"));

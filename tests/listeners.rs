@@ -1,8 +1,9 @@
 //! `Listeners` in process: binding, taking by name, Unix socket files.
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/tools.rs"]
-mod tools;
+mod support;
+
+use support::tools;
 
 use handover::Listeners;
 

@@ -10,7 +10,7 @@ mod support;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use support::{Deploy, Load, Server, children_of, is_alive, send_signal, wait_exit, wait_until};
+use support::{Deploy, Load, Server, children_of, is_reaped, send_signal, wait_exit, wait_until};
 use tokio::time::timeout;
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -88,7 +88,7 @@ async fn upgrades_hand_the_listeners_to_the_waiting_standby_under_load() {
             load_h2.wait_pid(new).await;
         }
         assert_logged(&server, "handing the listeners to the standby", RESTARTS).await;
-        assert_eq!(count(&server, "upgrade: starting the next generation"), 0);
+        assert_eq!(count(&server, "starting the next generation exe="), 0);
 
         // The last generation's standby: SIGTERM ends it too.
         let last = standby(&server, RESTARTS + 1).await;
@@ -97,7 +97,7 @@ async fn upgrades_hand_the_listeners_to_the_waiting_standby_under_load() {
         let log = server.logs.clone();
         // No process is left behind, the standby included.
         server.stop().await;
-        assert!(!is_alive(last));
+        assert!(is_reaped(last), "the standby was reaped");
         wait_until(
             "the shutdown discarded the standby",
             Duration::from_secs(10),
@@ -195,7 +195,14 @@ async fn a_replaced_shared_library_is_loaded_afresh_not_kept_from_the_standby() 
         let stale = standby(&server, 1).await;
         let ours = libs.join(LIB).to_str().unwrap().to_owned();
         let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        assert!(maps(stale).contains(&ours), "the standby loaded {ours}");
+        // The loader maps it as the standby starts up, after it is spawned
+        // (and logged).
+        wait_until(
+            &format!("the standby loads {ours}"),
+            Duration::from_secs(20),
+            || maps(stale).contains(&ours),
+        )
+        .await;
         install();
 
         let new = server.restart().await;
@@ -220,7 +227,7 @@ async fn a_standby_that_died_is_replaced_by_a_fresh_start() {
 
         let new = server.restart().await;
         assert_ne!(new, dead);
-        assert_logged(&server, "upgrade: starting the next generation", 1).await;
+        assert_logged(&server, "starting the next generation exe=", 1).await;
         // Found dead, or (not reaped yet) found unreachable: either way it
         // was passed over once.
         assert_eq!(
@@ -267,19 +274,22 @@ async fn a_standby_that_never_takes_the_listeners_is_replaced_within_the_upgrade
 #[tokio::test]
 async fn a_standby_not_ready_in_time_is_killed_and_the_generation_serves_on() {
     timeout(BOUND, async {
-        // Every generation takes 1.5 s to be ready, and an upgrade allows
-        // one 1 s: the standby, once woken, misses it.
+        // Every generation warms up until the gate opens, and an upgrade
+        // allows it 1 s: the standby, woken with the gate closed, misses it.
+        let deploy = Deploy::new("standby-slow");
+        let gate = deploy.gate();
         let args = [
             "--ready-timeout",
             "1",
-            "--warmup-ms",
-            "1500",
+            "--warmup-until",
+            gate.arg(),
             "--standby",
             "on",
         ];
-        let server = Server::start_with(Deploy::new("standby-slow"), &args, &[]).await;
+        let server = Server::start_with(deploy, &args, &[]).await;
         let old = server.current_pid();
         let slow = standby(&server, 1).await;
+        gate.close();
         let load = Load::start(server.addr, 2, "/");
         load.wait_answers(50).await;
 

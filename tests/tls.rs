@@ -21,14 +21,12 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::client::TlsStream;
 
-#[path = "support/served.rs"]
-mod served;
-#[path = "support/tls.rs"]
-mod tls;
-#[path = "support/tools.rs"]
-mod tools;
-use served::{Served, get_req};
-use tls::Cert;
+mod support;
+
+use handover::Graceful;
+use support::served::{Served, get_req};
+use support::tls::{self, Cert};
+use support::tools;
 
 /// Every test ends within this, whatever happens.
 const BOUND: Duration = Duration::from_secs(60);
@@ -46,11 +44,13 @@ fn app() -> Router {
 /// `app` over TLS with `cert`, on a fresh port, with these settings.
 async fn start(cert: &Cert, idle_grace: Duration, handshake_timeout: Duration) -> Served {
     let tls = cert.acceptor();
-    Served::start(|listener, graceful| {
+    let graceful = Graceful::builder()
+        .drain_timeout(Duration::from_secs(20))
+        .build();
+    Served::start_with(graceful, |listener, graceful| {
         handover::serve(listener, app(), graceful)
             .idle_grace(idle_grace)
-            .drain_timeout(Duration::from_secs(20))
-            .acceptor(move |tcp| tls.accept(tcp))
+            .handshake(move |tcp| tls.accept(tcp))
             .handshake_timeout(handshake_timeout)
     })
     .await
@@ -221,8 +221,10 @@ async fn time_to_close(tcp: &mut TcpStream) -> Duration {
 }
 
 /// A client that connects and never starts its handshake is closed at the
-/// handshake timeout; during a drain, at the idle grace, without being
-/// forced and without holding the drain to its deadline.
+/// handshake timeout (not before it, and long before anything else would
+/// close it: within ten times the timeout, where nothing but the timeout
+/// closes it until the test's bound); during a drain, at the idle grace,
+/// without being forced and without holding the drain to its deadline.
 #[tokio::test]
 async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_grace() {
     timeout(BOUND, async {
@@ -232,8 +234,8 @@ async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_g
         let mut silent = TcpStream::connect(server.addr).await.unwrap();
         let took = time_to_close(&mut silent).await;
         assert!(
-            took >= handshake_timeout - Duration::from_millis(20),
-            "{took:?}"
+            took >= handshake_timeout - Duration::from_millis(20) && took < handshake_timeout * 10,
+            "closed after {took:?}, with a handshake timeout of {handshake_timeout:?}"
         );
         server.wait_connections(0).await;
         // The server goes on serving.
@@ -250,12 +252,14 @@ async fn a_silent_client_is_closed_at_the_handshake_timeout_or_the_drains_idle_g
         server.wait_connections(1).await;
         server.graceful.start_drain();
         let took = time_to_close(&mut silent).await;
-        assert!(took < Duration::from_secs(20), "{took:?}");
+        assert!(took < idle_grace * 10, "closed after {took:?}");
         let report = server.report().await;
         assert!(report.is_clean(), "{report}");
         assert_eq!(report.connections_finished, 1);
-        assert!(report.elapsed >= idle_grace, "{report}");
-        assert!(report.elapsed < Duration::from_secs(20), "{report}");
+        assert!(
+            report.elapsed >= idle_grace && report.elapsed < idle_grace * 10,
+            "closed at the idle grace, not the drain's deadline: {report}"
+        );
     })
     .await
     .unwrap();
@@ -296,12 +300,12 @@ async fn plain_http_on_the_tls_port_is_closed_and_others_are_served() {
 #[derive(Clone)]
 struct ClientCert(Vec<u8>);
 
-/// With mutual TLS, `accepted_info` hands each request the certificate its
+/// With mutual TLS, `handshake_info` hands each request the certificate its
 /// own connection's client presented, over HTTP/1.1 and HTTP/2, next to
 /// what `connect_info` says of the connection; a client without one is
 /// turned away by the handshake.
 #[tokio::test]
-async fn accepted_info_gives_each_request_its_clients_certificate() {
+async fn handshake_info_gives_each_request_its_clients_certificate() {
     timeout(BOUND, async {
         use axum::Extension;
         use axum::extract::ConnectInfo;
@@ -324,8 +328,8 @@ async fn accepted_info_gives_each_request_its_clients_certificate() {
         let server = Served::start(|listener, graceful| {
             handover::serve(listener, app, graceful)
                 .connect_info(|_, peer: &SocketAddr| ConnectInfo(*peer))
-                .acceptor(move |tcp| tls.accept(tcp))
-                .accepted_info(|tls: &ServerTls<TcpStream>| {
+                .handshake(move |tcp| tls.accept(tcp))
+                .handshake_info(|tls: &ServerTls<TcpStream>| {
                     let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
                     ClientCert(certs.first().map(|c| c.to_vec()).unwrap_or_default())
                 })

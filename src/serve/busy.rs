@@ -1,25 +1,15 @@
 //! What each connection is doing, for the drain and for the slowloris
 //! watchdog: its requests in progress and started, counted in one atomic
 //! operation each way.
-//!
-//! The watchdog closes an HTTP/1 connection that has not sent a whole
-//! request head within the header read timeout, as hyper's own
-//! `header_read_timeout` does, but without a timer per request: one task per
-//! serve loop looks at every connection a few times per timeout. hyper's
-//! timer costs an allocation and a timer wheel entry for every request
-//! (about 6% of a keep-alive hello-world server's throughput on the
-//! development machine); this costs nothing per request beyond the count
-//! the drain needs anyway.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
 
-use crate::graceful::poll_registered;
+use crate::drain::poll_registered;
+use crate::lock::lock;
 
 /// One in progress, in the low half of the word.
 const ONE_IN_PROGRESS: u64 = 1;
@@ -30,7 +20,7 @@ const IN_PROGRESS: u64 = ONE_STARTED - 1;
 /// How many looks, one every `timeout / LOOKS`, a connection must be seen
 /// waiting for a request head with no request started in between before
 /// it is closed: it is closed between the timeout and a quarter more.
-const LOOKS: u32 = 4;
+pub(super) const LOOKS: u32 = 4;
 
 /// One connection's requests, and what the watchdog knows of it.
 pub(super) struct Busy {
@@ -115,7 +105,7 @@ impl Busy {
     /// request head, with none started, through `LOOKS` whole periods
     /// between looks (the waiting began at the earliest just after the
     /// look that last saw something change).
-    fn look(&self) -> bool {
+    pub(super) fn look(&self) -> bool {
         if self.exempt.load(Ordering::SeqCst) {
             return false;
         }
@@ -128,16 +118,18 @@ impl Busy {
         self.idle_looks.fetch_add(1, Ordering::SeqCst) + 1 >= LOOKS
     }
 
-    fn expire(&self) {
+    pub(super) fn expire(&self) {
         self.expired.store(true, Ordering::SeqCst);
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let task = lock(&self.task).take();
         if let Some(task) = task {
             task.wake();
         }
+    }
+
+    /// Whether the watchdog has expired this connection.
+    #[cfg(test)]
+    pub(super) fn is_expired(&self) -> bool {
+        self.expired.load(Ordering::SeqCst)
     }
 
     /// Resolves once the watchdog has expired this connection.
@@ -178,8 +170,7 @@ impl Future for Expired {
             cx,
             || busy.expired.load(Ordering::SeqCst),
             |cx| {
-                *busy.task.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(cx.waker().clone());
+                *lock(&busy.task) = Some(cx.waker().clone());
                 // Expired while the waker was being stored: it may have
                 // taken the one stored before.
                 if busy.expired.load(Ordering::SeqCst) {
@@ -189,126 +180,6 @@ impl Future for Expired {
                 }
             },
         )
-    }
-}
-
-/// The connections of one serve loop that the watchdog looks at.
-#[derive(Default)]
-pub(super) struct Watched {
-    connections: Mutex<Connections>,
-}
-
-#[derive(Default)]
-struct Connections {
-    next: u64,
-    live: HashMap<u64, Weak<Busy>>,
-}
-
-/// A connection's place among the watched, given up on drop.
-pub(super) struct WatchedEntry {
-    watched: Arc<Watched>,
-    id: u64,
-}
-
-impl Drop for WatchedEntry {
-    fn drop(&mut self) {
-        self.watched.lock().live.remove(&self.id);
-    }
-}
-
-impl Watched {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connections> {
-        self.connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Watches `busy` until the returned entry is dropped.
-    pub(super) fn watch(self: &Arc<Self>, busy: &Arc<Busy>) -> WatchedEntry {
-        let mut connections = self.lock();
-        let id = connections.next;
-        connections.next += 1;
-        connections.live.insert(id, Arc::downgrade(busy));
-        WatchedEntry {
-            watched: self.clone(),
-            id,
-        }
-    }
-
-    /// Looks at every connection once, expiring those that have waited
-    /// for a request head through `LOOKS` periods.
-    fn look_at_all(&self) {
-        let connections: Vec<Arc<Busy>> = self
-            .lock()
-            .live
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for busy in connections {
-            if busy.look() {
-                busy.expire();
-            }
-        }
-    }
-
-    /// Starts looking at every connection `LOOKS` times per `timeout`, on
-    /// a thread of its own, until the returned handle is dropped.
-    ///
-    /// A thread rather than a task on a tokio timer: while a tokio runtime
-    /// has a timer, every time a worker parks it reads the clock and looks
-    /// for the next expiration (about 270 instructions per request of a
-    /// sequential client, on the development machine, where a server with
-    /// no timer at all, such as `axum::serve`, spends none).
-    pub(super) fn start(self: Arc<Self>, timeout: Duration) -> std::io::Result<Watchdog> {
-        let period = (timeout / LOOKS).max(Duration::from_millis(1));
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("handover-watchdog".into())
-                .spawn(move || {
-                    let (stopped, wake) = &*stop;
-                    let mut next = Instant::now() + period;
-                    let mut stopped = stopped.lock().unwrap_or_else(PoisonError::into_inner);
-                    loop {
-                        let now = Instant::now();
-                        if *stopped {
-                            return;
-                        }
-                        if now < next {
-                            stopped = wake
-                                .wait_timeout(stopped, next - now)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0;
-                            continue;
-                        }
-                        next += period;
-                        self.look_at_all();
-                    }
-                })?
-        };
-        Ok(Watchdog {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-/// The watchdog's thread; stopped when dropped.
-pub(super) struct Watchdog {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let (stopped, wake) = &*self.stop;
-        *stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        wake.notify_all();
-        // It returns at once: woken, it sees the flag before looking again.
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -350,35 +221,5 @@ mod tests {
             assert!(!working.look());
         }
         drop(long);
-    }
-
-    #[tokio::test]
-    async fn the_watchdog_wakes_and_expires_only_the_stale_connection() {
-        const TIMEOUT: Duration = Duration::from_millis(400);
-        let watched = Arc::new(Watched::default());
-        let stale = Arc::new(Busy::default());
-        let active = Arc::new(Busy::default());
-        let entries = (watched.watch(&stale), watched.watch(&active));
-        let watchdog = watched.clone().start(TIMEOUT).unwrap();
-        let keep_busy = {
-            let active = active.clone();
-            tokio::spawn(async move {
-                loop {
-                    drop(active.start());
-                    tokio::time::sleep(TIMEOUT / 8).await;
-                }
-            })
-        };
-        let started = std::time::Instant::now();
-        tokio::time::timeout(TIMEOUT * 20, stale.expired())
-            .await
-            .expect("the stale connection expires");
-        let waited = started.elapsed();
-        assert!(waited >= TIMEOUT, "expired after {waited:?}");
-        assert!(!active.expired.load(Ordering::SeqCst));
-        keep_busy.abort();
-        drop(watchdog);
-        drop(entries);
-        assert!(watched.lock().live.is_empty());
     }
 }

@@ -22,7 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 
@@ -86,7 +86,7 @@ impl Child {
 
 /// Sends `SIGKILL` to our child `pid`, unless `reaped` says it is reaped.
 fn kill_unreaped(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> io::Result<()> {
-    let reaped = reaped.lock().unwrap_or_else(PoisonError::into_inner);
+    let reaped = crate::lock::lock(reaped);
     if reaped.is_some() {
         return Ok(());
     }
@@ -431,7 +431,7 @@ fn reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> ExitStatus {
 
 /// Reaps `pid` if it has exited, without blocking, holding `reaped`.
 fn try_reap(pid: libc::pid_t, reaped: &Mutex<Option<ExitStatus>>) -> Option<ExitStatus> {
-    let mut slot = reaped.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut slot = crate::lock::lock(reaped);
     let mut raw_status = 0;
     // SAFETY: `raw_status` is a valid place for `waitpid` to write to.
     let done = unsafe { libc::waitpid(pid, &mut raw_status, libc::WNOHANG) };

@@ -1,6 +1,5 @@
 //! WebSockets over HTTP/2 (RFC 8441): hyper's HTTP/2 client sends an
 //! extended CONNECT, and tokio-tungstenite speaks WebSocket on the stream.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 

@@ -1,6 +1,5 @@
 //! A server on a fresh 127.0.0.1 port, run in a task of its own, for the
-//! in-process tests (`serve.rs`, `tls.rs`).
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+//! in-process tests (`serve`, `tls`).
 
 use std::future::IntoFuture;
 use std::io;
@@ -30,9 +29,20 @@ impl Served {
         S: IntoFuture<Output = io::Result<DrainReport>>,
         S::IntoFuture: Send + 'static,
     {
+        Self::start_with(Graceful::new(), serve).await
+    }
+
+    /// Like [`start`](Self::start), draining by `graceful`'s timeouts.
+    pub async fn start_with<S>(
+        graceful: Graceful,
+        serve: impl FnOnce(TcpListener, &Graceful) -> S,
+    ) -> Served
+    where
+        S: IntoFuture<Output = io::Result<DrainReport>>,
+        S::IntoFuture: Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let graceful = Graceful::new();
         let task = tokio::spawn(serve(listener, &graceful).into_future());
         Served {
             addr,

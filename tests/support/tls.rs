@@ -1,6 +1,5 @@
 //! Self-signed certificates for 127.0.0.1, and the rustls configurations of
 //! a server that presents one and of a client that trusts some.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::path::Path;
 use std::sync::Arc;

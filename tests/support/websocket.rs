@@ -1,5 +1,4 @@
 //! WebSocket assertions shared by the tests, over HTTP/1.1 or HTTP/2.
-#![allow(dead_code, unreachable_pub)]
 
 use futures_util::StreamExt;
 use tokio_tungstenite::WebSocketStream;

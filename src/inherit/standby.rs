@@ -1,9 +1,6 @@
 //! The standby: the next generation, started ahead of the upgrade and
 //! waiting in `from_env` until the upgrade hands it the listeners.
 //!
-//! Starting a process is most of an upgrade's time: `exec`, the dynamic
-//! loader, page faults, the runtime's threads (2 ms of CPU on the
-//! development machine, more under load, where the scheduler slices it).
 //! With [`Builder::standby`](crate::Builder::standby) a generation starts
 //! its successor a little after it is ready, with a Unix socket at
 //! `HANDOVER_STANDBY_FD` and no listeners. The successor runs its `main` up
@@ -15,30 +12,21 @@
 //! it is an upgrade like any other: the standby takes the listeners, says
 //! it is ready on the pipe, or is killed and reaped if it does not.
 //!
-//! A standby is used only if it runs the binary that an upgrade would start
-//! now, in the directory it would start in: a deploy that replaced the
-//! binary, or pointed a symlink on its path or working directory at a new
-//! release, gets a fresh start instead, and the stale standby is killed.
-//! One that exited on its own is replaced by a fresh start too. End of file
-//! on the socket (its generation exited, or discarded it) makes a standby
-//! exit quietly, with status 0.
+//! This side of it, in the standby: the message, and the wait for it. The
+//! generation's side (which standby to keep, when to use it) is the
+//! upgrade's. End of file on the socket (its generation exited, or
+//! discarded it) makes a standby exit quietly, with status 0.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
 
-use crate::error::Error;
-use crate::listener::{
-    EnvSpec, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_STANDBY_FD, HANDOVER_STATE_FD,
-    LISTEN_FDNAMES, LISTEN_FDS, parse_bound, parse_env, parse_generation, parse_state_fd,
+use super::env::{
+    Found, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_STANDBY_FD, HANDOVER_STATE_FD,
+    Inheritance, LISTEN_FDNAMES, LISTEN_FDS,
 };
+use crate::error::Error;
 use crate::sys;
-
-/// How long after a generation is ready it starts its standby: after the
-/// clients' reconnections to it, so that the standby's start-up does not
-/// compete with them for the cores.
-pub(crate) const STANDBY_DELAY: Duration = Duration::from_millis(100);
 
 /// What the message starts with: its format's name and version.
 const MAGIC: &[u8] = b"HANDOVER-STANDBY/1\n";
@@ -46,13 +34,22 @@ const MAGIC: &[u8] = b"HANDOVER-STANDBY/1\n";
 /// bytes, twice, with room to spare.
 const MAX_MESSAGE: usize = 64 * 1024;
 
+/// The keys a message may carry: the inheritance variables a fresh
+/// successor would get, but the readiness channel's, which comes as an fd.
+const MESSAGE_KEYS: [&str; 5] = [
+    LISTEN_FDS,
+    LISTEN_FDNAMES,
+    HANDOVER_BOUND_FDNAMES,
+    HANDOVER_GENERATION,
+    HANDOVER_STATE_FD,
+];
+
 /// The message that wakes a standby: `MAGIC`, then `KEY=VALUE` lines for
-/// the inheritance variables a fresh successor would get (`LISTEN_FDS`,
-/// `LISTEN_FDNAMES`, `HANDOVER_BOUND_FDNAMES`, `HANDOVER_GENERATION`), after
-/// a 4-byte big-endian
-/// length of all that. The listeners and the readiness pipe go with it as
-/// fds, in that order.
-pub(crate) fn message(vars: &[(&str, String)]) -> Vec<u8> {
+/// the inheritance variables a fresh successor would get
+/// ([`MESSAGE_KEYS`]), after a 4-byte big-endian length of all that. The
+/// listeners, the readiness channel and the state go with it as fds, in
+/// that order.
+fn message(vars: &[(&str, String)]) -> Vec<u8> {
     let mut body = MAGIC.to_vec();
     for (key, value) in vars {
         body.extend_from_slice(key.as_bytes());
@@ -91,7 +88,7 @@ pub(crate) fn took_listeners(mut socket: UnixStream) -> bool {
 /// upgrade hands over, and returns what a fresh successor would have read
 /// from its environment, with the fds received. Exits the process, with
 /// status 0, if the socket reaches end of file first: no upgrade will come.
-pub(crate) fn wait_for_upgrade(value: &str) -> Result<(EnvSpec, Vec<String>), Error> {
+pub(crate) fn wait_for_upgrade(value: &str) -> Result<Inheritance, Error> {
     let env_error = |reason: String| Error::Env {
         var: HANDOVER_STANDBY_FD,
         value: value.to_owned(),
@@ -115,13 +112,13 @@ pub(crate) fn wait_for_upgrade(value: &str) -> Result<(EnvSpec, Vec<String>), Er
         Ok(None) => std::process::exit(0),
         Err(e) => return Err(Error::io("receiving the listeners as a standby", e)),
     };
-    let (spec, bound) = parse_message(&bytes, fds.len()).map_err(|reason| {
+    let inheritance = parse_message(&bytes, fds.len()).map_err(|reason| {
         Error::io(
             "receiving the listeners as a standby",
             io::Error::new(io::ErrorKind::InvalidData, reason),
         )
     })?;
-    Ok(place(spec, bound, fds))
+    Ok(place(inheritance, fds))
 }
 
 /// Reads one whole message and its fds; `None` at end of file before any
@@ -164,70 +161,41 @@ fn receive(socket: OwnedFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
 }
 
 /// Parses a message's body (after its length) that came with `fd_count`
-/// fds into what `Listeners::adopt` takes, the fds still at 3, 4, …
-fn parse_message(body: &[u8], fd_count: usize) -> Result<(EnvSpec, Vec<String>), String> {
+/// fds into what `Listeners` adopts, the fds still at 3, 4, …
+fn parse_message(body: &[u8], fd_count: usize) -> Result<Inheritance, String> {
     let text = body
         .strip_prefix(MAGIC)
         .ok_or("not a hand-over message (another version of handover?)")?;
     let text = std::str::from_utf8(text).map_err(|_| "not UTF-8")?;
-    let mut fds = None;
-    let mut names = None;
-    let mut bound = None;
-    let mut generation = None;
-    let mut state = None;
-    for line in text.lines() {
-        let (key, value) = line.split_once('=').ok_or("a line without '='")?;
-        let slot = match key {
-            LISTEN_FDS => &mut fds,
-            LISTEN_FDNAMES => &mut names,
-            HANDOVER_BOUND_FDNAMES => &mut bound,
-            HANDOVER_GENERATION => &mut generation,
-            HANDOVER_STATE_FD => &mut state,
-            _ => return Err(format!("unknown key {key:?}")),
-        };
-        if slot.replace(value).is_some() {
-            return Err(format!("{key} twice"));
-        }
+    let found = Found::from_lines(text, &MESSAGE_KEYS)?;
+    if found.get(LISTEN_FDS).is_none() {
+        return Err("no LISTEN_FDS".into());
     }
-    let mut spec = parse_env(
-        Some(fds.ok_or("no LISTEN_FDS")?),
-        names,
-        None,
-        None,
-        std::process::id(),
-    )
-    .map_err(|e| e.to_string())?;
-    spec.generation = parse_generation(generation).map_err(|e| e.to_string())?;
-    // The listeners, then the readiness pipe, then the state.
-    let state = parse_state_fd(state, &spec).map_err(|e| e.to_string())?;
-    if fd_count != spec.fds.len() + 1 + usize::from(state.is_some()) {
+    let inheritance = Inheritance::parse(&found, std::process::id()).map_err(|e| e.to_string())?;
+    // The listeners, then the readiness channel, then the state.
+    let with_state = inheritance.state_fd.is_some();
+    if fd_count != inheritance.fds.len() + 1 + usize::from(with_state) {
         return Err(format!(
-            "{fd_count} fds came with a message for {} listeners, the readiness pipe{}",
-            spec.fds.len(),
-            if state.is_some() {
-                " and the state"
-            } else {
-                ""
-            }
+            "{fd_count} fds came with a message for {} listeners, the readiness channel{}",
+            inheritance.fds.len(),
+            if with_state { " and the state" } else { "" }
         ));
     }
-    spec.state_fd = state;
-    let bound = parse_bound(bound, &spec).map_err(|e| e.to_string())?;
-    Ok((spec, bound))
+    Ok(inheritance)
 }
 
-/// Puts the fds received in place of the numbers `spec` has (3, 4, …),
-/// giving up their ownership to `Listeners::adopt`, which takes it back.
-fn place(mut spec: EnvSpec, bound: Vec<String>, fds: Vec<OwnedFd>) -> (EnvSpec, Vec<String>) {
+/// Puts the fds received in place of the numbers `inheritance` has (3, 4,
+/// …), giving up their ownership to `Listeners`, which takes it back.
+fn place(mut inheritance: Inheritance, fds: Vec<OwnedFd>) -> Inheritance {
     let mut fds = fds.into_iter().map(IntoRawFd::into_raw_fd);
-    for (fd, _) in &mut spec.fds {
+    for (fd, _) in &mut inheritance.fds {
         *fd = fds.next().expect("counted in parse_message");
     }
-    spec.ready_fd = fds.next();
-    if spec.state_fd.is_some() {
-        spec.state_fd = fds.next();
+    inheritance.ready_fd = fds.next();
+    if inheritance.state_fd.is_some() {
+        inheritance.state_fd = fds.next();
     }
-    (spec, bound)
+    inheritance
 }
 
 #[cfg(test)]
@@ -246,13 +214,13 @@ mod tests {
             (LISTEN_FDNAMES, "http:admin"),
             (HANDOVER_BOUND_FDNAMES, "admin"),
         ]);
-        let (spec, bound) = parse_message(&message, 3).unwrap();
+        let spec = parse_message(&message, 3).unwrap();
         assert_eq!(
             spec.fds,
             vec![(3, "http".to_owned()), (4, "admin".to_owned())]
         );
-        assert_eq!(bound, vec!["admin".to_owned()]);
-        let (spec, _) = parse_message(&body(&[(LISTEN_FDS, "0")]), 1).unwrap();
+        assert_eq!(spec.bound, vec!["admin".to_owned()]);
+        let spec = parse_message(&body(&[(LISTEN_FDS, "0")]), 1).unwrap();
         assert!(spec.fds.is_empty());
     }
 

@@ -75,7 +75,7 @@ pub(crate) fn adopt(fd: RawFd) -> Result<OwnedFd, NotListener> {
     if fd < 0 || !is_open(fd) {
         return Err(NotListener::Closed);
     }
-    let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut adopted = crate::lock::lock(&ADOPTED);
     if adopted.contains(&fd) {
         return Err(NotListener::Io(io::Error::other(
             "it was already taken from the environment",
@@ -312,4 +312,22 @@ pub(crate) fn read_sealed(fd: OwnedFd, limit: u64) -> Result<Vec<u8>, String> {
     file.read_exact_at(&mut bytes, 0)
         .map_err(|e| format!("reading it: {e}"))?;
     Ok(bytes)
+}
+
+/// A file's identity: its device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of what `path` names, following symlinks.
+    pub(crate) fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|meta| Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
 }

@@ -13,15 +13,10 @@
 //! that point (only the owner makes new ones, and the last release is the
 //! one that hands it back), so a slot is reused, never shared. The memory
 //! held is one slot per counter alive at the same time, at the most ever.
-//!
-//! This replaced a counter that was its own reference count, in hand-made
-//! unsafe code (raw pointers and a free on the last release), and then an
-//! `Arc` around the word, safe but with the `Arc`'s two operations per
-//! request. This one is safe code with the unsafe one's cost.
 
 use std::process::abort;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -70,17 +65,14 @@ impl FreeList {
 
     fn lock(&self) -> MutexGuard<'_, Vec<&'static Slot>> {
         // A push or pop cannot leave the list half done.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::lock::lock(&self.0)
     }
 }
 
 impl Slot {
     /// The close token, cloned (a long-lived response's, once).
     fn close(&self) -> CancellationToken {
-        self.close
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        crate::lock::lock(&self.close).clone()
     }
 
     /// Hands the slot back: called once per owner, by whichever of the
@@ -117,8 +109,7 @@ impl Requests {
                 // Nothing else refers to the slot: its count is zero and
                 // its owner gone, so no reference can be made or released.
                 slot.word.store(0, Ordering::SeqCst);
-                *slot.close.lock().unwrap_or_else(PoisonError::into_inner) =
-                    CancellationToken::new();
+                *crate::lock::lock(&slot.close) = CancellationToken::new();
                 slot
             }
             None => Box::leak(Box::new(Slot {
