@@ -4,7 +4,8 @@
 //! cargo run --release --example hello -- [--addr 127.0.0.1:3000] [--pid-file PATH]
 //!     [--drain-timeout SECS] [--ready-timeout SECS] [--close-grace SECS] [--warmup-ms MS]
 //!     [--warmup-until PATH] [--tcp-nodelay on|off] [--stable-parent on|off]
-//!     [--standby on|off] [--control-socket PATH]
+//!     [--standby on|off] [--control-socket PATH] [--idle-grace SECS]
+//!     [--hand-over-connections on|off]
 //! ```
 //!
 //! - `GET /` answers `hello from <pid>`;
@@ -33,6 +34,12 @@
 //! `--control-socket PATH` listens for `upgrade` and `status` requests
 //! there (`handover upgrade PATH` waits for the upgrade's outcome; see
 //! `Builder::control_socket`).
+//!
+//! At an upgrade, each idle keep-alive connection moves to the new
+//! generation, whose client goes on using it as if nothing happened, and
+//! each busy one moves once its response is written;
+//! `--hand-over-connections off` closes them instead, an idle one after
+//! `--idle-grace` (see `Builder::hand_over_connections`).
 //!
 //! `--warmup-ms` stands for an application that must warm up (fill caches,
 //! connect to a database) before it can serve: it takes its listener, waits
@@ -102,6 +109,14 @@ struct Args {
     /// Answer `upgrade` and `status` on a control socket here.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// How long an idle keep-alive connection is kept open once draining,
+    /// in seconds, when it does not move to the next generation.
+    #[arg(long, value_name = "SECS", default_value = "0.5", value_parser = common::seconds)]
+    idle_grace: Duration,
+    /// Hand idle keep-alive connections to the next generation at an
+    /// upgrade (off: close them after the idle grace).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = common::on_off)]
+    hand_over_connections: bool,
 }
 
 async fn hello() -> String {
@@ -189,6 +204,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .close_grace(args.close_grace)
         .stable_parent(args.stable_parent)
         .standby(args.standby)
+        .hand_over_connections(args.hand_over_connections)
         // Readiness is said below, explicitly, after the warm-up.
         .auto_ready(false);
     if let Some(pid_file) = &args.pid_file {
@@ -229,7 +245,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         if let Err(e) = handover.ready() {
             tracing::error!(error = %e, "while becoming ready; serving anyway");
         }
-        let serve = handover.serve(listener, app).tcp_nodelay(args.tcp_nodelay);
+        let serve = handover
+            .serve(listener, app)
+            .tcp_nodelay(args.tcp_nodelay)
+            .idle_grace(args.idle_grace);
         match serve.await? {
             Exit::HandedOver { pid, report } => {
                 tracing::info!(new_pid = pid, %report, "handed over; exiting")

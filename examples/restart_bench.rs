@@ -23,7 +23,10 @@
 //! from the signal to the new generation answering (and how long its first
 //! response took, against every response's median: a fresh process runs its
 //! first request cold), and time from an old generation's last response to
-//! its exit. Then the ratio of the two throughputs, and the ratio of each
+//! its exit; the HTTP/1.1 connections the clients opened during the
+//! restarts (none, when every connection moves to each new generation), and
+//! the connections the old generations handed over and drained, from their
+//! `drain finished` lines. Then the ratio of the two throughputs, and the ratio of each
 //! to what users run instead: the same load, steady, on `hello`'s `GET /`
 //! served by `axum::serve` in a process of its own (half the phase's
 //! length before the first two phases, half after, so that drift weighs
@@ -59,7 +62,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 mod bench_support;
 use bench_support::client::{self, Outcome, Sender};
-use bench_support::{Hello, kill, ms, watch_exit};
+use bench_support::{Hello, drained_count, kill, ms, watch_exit};
 
 #[derive(Clone)]
 struct Options {
@@ -130,6 +133,8 @@ struct Record {
     failed: Vec<String>,
     retried: usize,
     lost_by_client: usize,
+    /// HTTP/1.1 connections opened.
+    opened: usize,
     seen: HashMap<u32, Seen>,
 }
 
@@ -158,6 +163,7 @@ impl Record {
         self.failed.extend(other.failed);
         self.retried += other.retried;
         self.lost_by_client += other.lost_by_client;
+        self.opened += other.opened;
         for (pid, theirs) in other.seen {
             let ours = self.seen.entry(pid).or_insert(theirs);
             if theirs.first < ours.first {
@@ -201,9 +207,15 @@ async fn client(
     while !stop.load(Ordering::Relaxed) {
         let record = &mut records[window.load(Ordering::Relaxed)];
         let connecting = Instant::now();
+        let fresh = !h2 && own.is_none();
         // Our own HTTP/1 connection, or a stream of the shared HTTP/2 one.
         let mut sender = match client::next_sender(addr, &mut own, shared.as_deref(), h2).await {
-            Ok(s) => s,
+            Ok(s) => {
+                if fresh {
+                    record.opened += 1;
+                }
+                s
+            }
             Err(e) => {
                 record.failed.push(failure(e, connecting, last_pid));
                 continue;
@@ -574,6 +586,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "old generation's last response -> its exit: {}",
         stats(&mut to_exit)
+    );
+    // Each HTTP/1.1 client opens one connection at the start; every other
+    // was opened because a generation closed one.
+    let (handed_over, drained) = {
+        let logs = server.logs.lock().expect("logs");
+        (
+            drained_count(&logs, "connections_handed_over"),
+            drained_count(&logs, "connections_finished")
+                + drained_count(&logs, "connections_forced"),
+        )
+    };
+    println!(
+        "HTTP/1.1 connections opened during restarts: {} for {} clients; connections the old generations handed over: {handed_over}, drained: {drained}",
+        restarts.opened, o.h1,
     );
     println!(
         "throughput during restarts / steady = {:.3}",

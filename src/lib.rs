@@ -53,10 +53,12 @@
 //! - [`layer`]: [`GracefulLayer`](layer::GracefulLayer), a tower layer that
 //!   counts each request until its response body has ended, for a Router
 //!   under `axum::serve` or a tonic `Server` (`.layer(graceful.layer())`).
-//! - [`serve`](mod@serve): an accept loop on hyper-util's HTTP/1 + HTTP/2
-//!   builder that tracks every connection and drains each protocol the way
-//!   its clients take without an error, with TLS through
-//!   [`Serve::handshake`](serve::Serve::handshake).
+//! - [`serve`](mod@serve): an accept loop on hyper's HTTP/1 and HTTP/2
+//!   connections that tracks every connection and drains each protocol the
+//!   way its clients take without an error, with TLS through
+//!   [`Serve::handshake`](serve::Serve::handshake); it gives idle HTTP/1
+//!   connections up when the hand-over half carries them to the next
+//!   generation.
 //!
 //! The hand-over half knows nothing of HTTP beyond calling the serve loop:
 //!
@@ -74,7 +76,9 @@
 //! - A request already received runs to the end of its response body.
 //! - An HTTP/1 keep-alive client gets `Connection: close` on its next
 //!   response and leaves; one that stays idle is closed after the idle
-//!   grace.
+//!   grace. After a hand-over under [`Handover::serve`], its plaintext
+//!   connection moves to the next generation instead, idle or once its
+//!   response is written, and it sees nothing at all.
 //! - An HTTP/2 client gets GOAWAY at once; its open streams finish.
 //! - WebSocket, event-stream and gRPC-stream handlers learn of the drain
 //!   through [`DrainSignal`] and say goodbye; after the close grace

@@ -12,7 +12,7 @@
 //! | `handover_generation` | gauge | this generation's number |
 //! | `handover_drains_total` | counter | drains that ended |
 //! | `handover_drain_requests_total{outcome}` | counter | requests drains `finished` or `forced` |
-//! | `handover_drain_connections_total{outcome}` | counter | connections drains `finished` or `forced` |
+//! | `handover_drain_connections_total{outcome}` | counter | connections drains `finished`, `forced`, or `handed_over` to the next generation |
 //! | `handover_drain_upgraded_connections_total{outcome}` | counter | upgraded connections drains `finished` or `forced` |
 //! | `handover_drain_duration_seconds` | histogram | how long each drain took |
 //! | `handover_upgrades_total{outcome}` | counter | upgrades: `ready`, or why one failed ([`Error::reason`](crate::Error::reason): `child_exited`, `ready_timeout`, `container`, …) |
@@ -39,7 +39,7 @@ pub const GENERATION: &str = "handover_generation";
 pub const DRAINS_TOTAL: &str = "handover_drains_total";
 /// Requests that drains finished or forced, by `outcome`.
 pub const DRAIN_REQUESTS_TOTAL: &str = "handover_drain_requests_total";
-/// Connections that drains finished or forced, by `outcome`.
+/// Connections that drains finished, forced or handed over, by `outcome`.
 pub const DRAIN_CONNECTIONS_TOTAL: &str = "handover_drain_connections_total";
 /// Upgraded connections that drains finished or forced, by `outcome`.
 pub const DRAIN_UPGRADED_CONNECTIONS_TOTAL: &str = "handover_drain_upgraded_connections_total";
@@ -79,7 +79,7 @@ mod on {
             describe_counter!(
                 DRAIN_CONNECTIONS_TOTAL,
                 Unit::Count,
-                "Connections that drains finished or forced."
+                "Connections that drains finished, forced or handed over to the next generation."
             );
             describe_counter!(
                 DRAIN_UPGRADED_CONNECTIONS_TOTAL,
@@ -110,17 +110,19 @@ mod on {
         gauge!(GENERATION).set(generation as f64);
     }
 
-    pub(super) fn drained(counts: Drained, elapsed: Duration) {
+    pub(super) fn drained(drained: Drained, elapsed: Duration) {
         counter!(DRAINS_TOTAL).increment(1);
         let names = [
             DRAIN_REQUESTS_TOTAL,
             DRAIN_CONNECTIONS_TOTAL,
             DRAIN_UPGRADED_CONNECTIONS_TOTAL,
         ];
-        for (name, (finished, forced)) in names.into_iter().zip(counts) {
+        for (name, (finished, forced)) in names.into_iter().zip(drained.counts) {
             counter!(name, "outcome" => "finished").increment(finished as u64);
             counter!(name, "outcome" => "forced").increment(forced as u64);
         }
+        counter!(DRAIN_CONNECTIONS_TOTAL, "outcome" => "handed_over")
+            .increment(drained.handed_over as u64);
         metrics::histogram!(DRAIN_DURATION_SECONDS).record(elapsed.as_secs_f64());
     }
 
@@ -156,8 +158,14 @@ pub(crate) fn generation(generation: u64) {
 }
 
 /// What a drain finished and forced: requests, connections and upgraded
-/// connections, each (finished, forced).
-pub(crate) type Drained = [(usize, usize); 3];
+/// connections, each (finished, forced); and the connections it handed
+/// over.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) struct Drained {
+    pub(crate) counts: [(usize, usize); 3],
+    pub(crate) handed_over: usize,
+}
 
 /// Records a drain that ended.
 #[inline]

@@ -79,6 +79,8 @@ async fn restarts_under_keep_alive_load_answer_every_request() {
 /// client decides when it ends: axum's example echoes `POST /echo`) keeps
 /// the old generation alive through the hand-over, is answered by it, and
 /// the old generation exits with that answer, not at its drain timeout.
+/// The answer does not close the connection: it moves to the new
+/// generation, which answers the next request on it.
 #[tokio::test]
 async fn a_request_in_flight_during_the_restart_finishes_from_the_old_generation() {
     timeout(BOUND, async {
@@ -126,10 +128,25 @@ async fn a_request_in_flight_during_the_restart_finishes_from_the_old_generation
         .unwrap();
         drop(rest);
         let response = response.await.unwrap().unwrap();
-        assert_eq!(response.headers()[http::header::CONNECTION], "close");
+        assert_eq!(response.headers().get(http::header::CONNECTION), None);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "half, then whole");
         wait_exit("the old generation exits", old).await;
+        // The same connection, now the new generation's.
+        sender.ready().await.unwrap();
+        // A body of the same type as the first request's, empty.
+        let (none, rx) = tokio::sync::mpsc::channel(1);
+        drop(none);
+        let empty =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let next = http::Request::get("/")
+            .header(http::header::HOST, "127.0.0.1")
+            .header(http::header::CONTENT_LENGTH, "0")
+            .body(empty)
+            .unwrap();
+        let answer = sender.send_request(next).await.unwrap();
+        let answer = answer.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(answer, format!("hello from {new}"));
         // Its drain ended with that request, which was in flight when the
         // drain started: finished, nothing forced.
         server.wait_log("drain finished", 1).await;

@@ -93,6 +93,20 @@ fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
     Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
+/// Sums `key=N` (`connections_handed_over`, say) over the `drain
+/// finished` lines in `logs`: what the generations that have drained so
+/// far did.
+pub fn drained_count(logs: &[String], key: &str) -> usize {
+    logs.iter()
+        .filter(|line| line.contains("drain finished"))
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|n| n.parse::<usize>().ok())
+        })
+        .sum()
+}
+
 /// `d` in milliseconds.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

@@ -15,7 +15,7 @@
 //! held is one slot per counter alive at the same time, at the most ever.
 
 use std::process::abort;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -48,6 +48,10 @@ struct Slot {
     idle: Notify,
     /// The owner's close-grace token.
     close: Mutex<CancellationToken>,
+    /// The drain gives connections up to the next generation rather than
+    /// closing them: set before `DRAINING`, so that whoever sees the drain
+    /// sees this too.
+    giving_up: AtomicBool,
     /// The free list this slot goes back to.
     home: &'static FreeList,
 }
@@ -109,6 +113,7 @@ impl Requests {
                 // Nothing else refers to the slot: its count is zero and
                 // its owner gone, so no reference can be made or released.
                 slot.word.store(0, Ordering::SeqCst);
+                slot.giving_up.store(false, Ordering::SeqCst);
                 *crate::lock::lock(&slot.close) = CancellationToken::new();
                 slot
             }
@@ -116,6 +121,7 @@ impl Requests {
                 word: AtomicU64::new(0),
                 idle: Notify::new(),
                 close: Mutex::new(CancellationToken::new()),
+                giving_up: AtomicBool::new(false),
                 home,
             })),
         };
@@ -138,6 +144,17 @@ impl Requests {
     /// How many counted references are alive.
     pub(crate) fn count(&self) -> usize {
         (self.slot.word.load(Ordering::SeqCst) & COUNT_MASK) as usize
+    }
+
+    /// Marks the drain to come as one that gives connections up (see
+    /// [`Counted::gives_up`]); before [`start_draining`](Self::start_draining).
+    pub(crate) fn give_up_connections(&self) {
+        self.slot.giving_up.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the drain gives connections up.
+    pub(crate) fn gives_up(&self) -> bool {
+        self.slot.giving_up.load(Ordering::SeqCst)
     }
 
     /// Starts draining: from now on a release that leaves the count at
@@ -194,6 +211,13 @@ impl Counted {
     #[inline]
     pub(crate) fn is_draining(&self) -> bool {
         self.slot.word.load(Ordering::SeqCst) & DRAINING != 0
+    }
+
+    /// Whether the drain, once started, gives connections up to the next
+    /// generation rather than closing them.
+    #[inline]
+    pub(crate) fn gives_up(&self) -> bool {
+        self.slot.giving_up.load(Ordering::SeqCst)
     }
 
     /// Resolves when the close grace has passed.
@@ -342,6 +366,7 @@ mod tests {
         let list = own_list();
         let old = Requests::new_in(list);
         let first = slot_of(&old);
+        old.give_up_connections();
         old.start_draining();
         old.close().cancel();
         let held = old.count_one();
@@ -354,6 +379,7 @@ mod tests {
         assert_eq!(new.finished_in_drain(), 0);
         let counted = new.count_one();
         assert!(!counted.is_draining());
+        assert!(!counted.gives_up() && !new.gives_up());
         assert!(!new.close().is_cancelled());
         let mut closing = pin!(counted.closing());
         assert!(

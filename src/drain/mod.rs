@@ -27,7 +27,7 @@ pub(crate) use registered::poll_registered;
 pub use report::DrainReport;
 pub use signal::{DrainSignal, Draining};
 pub use tokens::{ConnectionToken, UpgradeToken};
-pub(crate) use tokens::{Force, RequestGuard};
+pub(crate) use tokens::{Force, Hold, RequestGuard};
 
 /// A handle on the work this process still owes its clients.
 ///
@@ -157,6 +157,8 @@ impl GracefulBuilder {
                 connections: Counter::default(),
                 upgraded: Counter::default(),
                 upgraded_forced: AtomicUsize::new(0),
+                handed_over: AtomicUsize::new(0),
+                holds: AtomicUsize::new(0),
                 upgrades: Mutex::default(),
                 drain_timeout: self.drain_timeout,
                 close_grace: self.close_grace.min(self.drain_timeout),
@@ -191,6 +193,10 @@ pub(crate) struct Shared {
     upgraded: Counter,
     /// Upgraded connections forced at the close grace.
     upgraded_forced: AtomicUsize,
+    /// Connections given up to the next generation in the drain.
+    handed_over: AtomicUsize,
+    /// What keeps the drain from ending besides the counts (see [`Hold`]).
+    holds: AtomicUsize,
     /// Every live [`UpgradeToken`], so the close grace can force them all.
     upgrades: Mutex<Upgrades>,
     drain_timeout: Duration,
@@ -328,6 +334,31 @@ impl Graceful {
         }
     }
 
+    /// Starts a drain that gives plaintext HTTP/1 connections up to the
+    /// next generation, which takes them over, instead of closing them
+    /// (see `serve::connection`): what a hand-over starts. Calling it once
+    /// the drain has started does not change how it drains.
+    pub(crate) fn start_drain_giving_up(&self) {
+        if !self.is_draining() {
+            self.shared.requests.give_up_connections();
+        }
+        self.start_drain();
+    }
+
+    /// Whether the drain gives connections up to the next generation (it
+    /// was started by [`start_drain_giving_up`](Self::start_drain_giving_up)).
+    pub(crate) fn gives_up_connections(&self) -> bool {
+        self.shared.requests.gives_up()
+    }
+
+    /// Keeps the drain from ending until the returned hold is dropped,
+    /// without counting anything in its report: what takes connections
+    /// over from the previous generation holds one while that generation
+    /// may still send some.
+    pub(crate) fn hold(&self) -> Hold {
+        Hold::new(&self.shared)
+    }
+
     /// Starts the drain if it has not started, then waits until no request,
     /// no connection and no upgraded connection is left, or until the drain
     /// timeout has passed since the drain started.
@@ -386,6 +417,7 @@ impl Graceful {
             connections_forced,
             upgraded_finished: shared.upgraded.finished_in_drain.load(Ordering::SeqCst),
             upgraded_forced: shared.upgraded_forced.load(Ordering::SeqCst),
+            connections_handed_over: shared.handed_over.load(Ordering::SeqCst),
             elapsed: Instant::now().saturating_duration_since(started),
         };
         crate::metrics::drained(report.counts(), report.elapsed);
@@ -397,6 +429,7 @@ impl Graceful {
             connections_forced = report.connections_forced,
             upgraded_finished = report.upgraded_finished,
             upgraded_forced = report.upgraded_forced,
+            connections_handed_over = report.connections_handed_over,
             elapsed_ms = %Ms(report.elapsed),
             "drain finished"
         );
@@ -546,6 +579,7 @@ impl Shared {
             if self.requests.count() == 0
                 && self.connections.active.load(Ordering::SeqCst) == 0
                 && self.upgraded.active.load(Ordering::SeqCst) == 0
+                && self.holds.load(Ordering::SeqCst) == 0
             {
                 return;
             }

@@ -27,19 +27,25 @@ pub struct DrainReport {
     /// (with, under [`serve`](crate::serve()), HTTP/2 connections closed then
     /// for the WebSockets they carried).
     pub upgraded_forced: usize,
+    /// Connections given up to the next generation, which serves them on
+    /// (plaintext HTTP/1 on a hand-over): neither finished nor forced, and
+    /// their clients saw nothing.
+    pub connections_handed_over: usize,
     /// Time from the start of the drain to its end.
     pub elapsed: Duration,
 }
 
 impl DrainReport {
-    /// Requests, connections and upgraded connections, each (finished,
-    /// forced).
+    /// What the metrics record of it.
     pub(crate) fn counts(&self) -> crate::metrics::Drained {
-        [
-            (self.requests_finished, self.requests_forced),
-            (self.connections_finished, self.connections_forced),
-            (self.upgraded_finished, self.upgraded_forced),
-        ]
+        crate::metrics::Drained {
+            counts: [
+                (self.requests_finished, self.requests_forced),
+                (self.connections_finished, self.connections_forced),
+                (self.upgraded_finished, self.upgraded_forced),
+            ],
+            handed_over: self.connections_handed_over,
+        }
     }
 
     /// `true` when nothing had to be forced.
@@ -52,7 +58,7 @@ impl fmt::Display for DrainReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "drained in {} ms: {} requests, {} connections and {} upgraded finished, {} requests, {} connections and {} upgraded forced",
+            "drained in {} ms: {} requests, {} connections and {} upgraded finished, {} requests, {} connections and {} upgraded forced, {} connections handed over",
             Ms(self.elapsed),
             self.requests_finished,
             self.connections_finished,
@@ -60,6 +66,7 @@ impl fmt::Display for DrainReport {
             self.requests_forced,
             self.connections_forced,
             self.upgraded_forced,
+            self.connections_handed_over,
         )
     }
 }

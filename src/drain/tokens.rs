@@ -31,6 +31,12 @@ impl RequestGuard {
         self.request.is_draining()
     }
 
+    /// Whether the drain gives connections up to the next generation.
+    #[inline]
+    pub(crate) fn gives_up(&self) -> bool {
+        self.request.gives_up()
+    }
+
     /// Resolves when the close grace has passed.
     pub(crate) fn closing(&self) -> WaitForCancellationFutureOwned {
         self.request.closing()
@@ -56,6 +62,14 @@ impl ConnectionToken {
             shared: shared.clone(),
             finished: true,
         }
+    }
+
+    /// Releases the connection as one given up to the next generation: it
+    /// counts as handed over in the report, not as finished.
+    pub(crate) fn handed_over(mut self) {
+        // Counted before the release, which may end the drain.
+        self.shared.handed_over.fetch_add(1, Ordering::SeqCst);
+        self.finished = false;
     }
 
     /// Releases the connection as one the close grace forced for the
@@ -145,5 +159,30 @@ impl fmt::Debug for UpgradeToken {
         f.debug_struct("UpgradeToken")
             .field("tracked", &self.id.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// Keeps a drain from ending until dropped, counting nothing: made by
+/// `Graceful::hold`.
+pub(crate) struct Hold {
+    shared: Arc<Shared>,
+}
+
+impl Hold {
+    pub(super) fn new(shared: &Arc<Shared>) -> Self {
+        shared.holds.fetch_add(1, Ordering::SeqCst);
+        Self {
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        // As `Shared::settle`: the decrement first, then the flag.
+        let previous = self.shared.holds.fetch_sub(1, Ordering::SeqCst);
+        if previous == 1 && self.shared.is_draining() {
+            self.shared.requests.idle().notify_waiters();
+        }
     }
 }

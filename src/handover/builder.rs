@@ -30,6 +30,7 @@ pub struct Builder {
     standby: bool,
     control_socket: Option<PathBuf>,
     max_state_size: usize,
+    hand_over_connections: bool,
 }
 
 impl Default for Builder {
@@ -50,6 +51,7 @@ impl Default for Builder {
             standby: false,
             control_socket: None,
             max_state_size: Self::DEFAULT_MAX_STATE_SIZE,
+            hand_over_connections: true,
         }
     }
 }
@@ -196,6 +198,27 @@ impl Builder {
         self
     }
 
+    /// Whether idle HTTP/1 connections move to the next generation at an
+    /// upgrade (on unless turned off), instead of being closed.
+    ///
+    /// When the next generation is ready, each plaintext HTTP/1 connection
+    /// that [`Handover::serve`] serves here is handed to it as soon as it
+    /// is idle (at once if it is, after the response in flight if not),
+    /// with whatever the client had sent of its next request: the client
+    /// goes on using the same TCP connection, and never sees a close. A
+    /// connection the next generation does not take (it is an older
+    /// version, or this is off in it, or it does not serve that listener)
+    /// is drained here as before. HTTP/2, TLS, upgraded connections
+    /// (WebSocket) and those of [`serve`](crate::serve()) and other servers
+    /// are always drained.
+    ///
+    /// Off, connections are drained: an idle one is closed after the idle
+    /// grace, a busy one after its response.
+    pub fn hand_over_connections(mut self, on: bool) -> Self {
+        self.hand_over_connections = on;
+        self
+    }
+
     /// Reads the inherited listeners from the environment (see
     /// [`Listeners::from_env`]) and resolves what an upgrade starts: this
     /// binary's path, arguments and working directory, now.
@@ -211,6 +234,11 @@ impl Builder {
             match never {}
         }
         let listeners = Listeners::from_env_with(self.max_state_size)?;
+        // Off here: the previous generation hears it does not take them.
+        if !self.hand_over_connections {
+            drop(listeners.take_connections_channel());
+        }
+        let incoming = super::connections::Incoming::new(listeners.has_connections_channel());
         let upgrader = Upgrader::from_current_process(self.ready_timeout, self.standby)?;
         let graceful = Graceful::builder()
             .drain_timeout(self.drain_timeout)
@@ -236,6 +264,9 @@ impl Builder {
                 state_source: Mutex::new(None),
                 max_state_size: self.max_state_size,
                 upgrade_took: Mutex::new(None),
+                hand_over_connections: self.hand_over_connections,
+                outgoing: Arc::default(),
+                incoming: Arc::new(incoming),
             }),
         })
     }

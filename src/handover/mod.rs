@@ -4,6 +4,7 @@
 //! notifications.
 
 mod builder;
+mod connections;
 mod driver;
 mod serve;
 mod state;
@@ -109,6 +110,13 @@ struct Inner {
     max_state_size: usize,
     /// How long the upgrade that handed over took.
     upgrade_took: Mutex<Option<Duration>>,
+    /// Whether idle connections move between generations (see
+    /// [`Builder::hand_over_connections`]).
+    hand_over_connections: bool,
+    /// Where this generation's idle connections go, once it hands over.
+    outgoing: Arc<connections::Outgoing>,
+    /// Where the previous generation's arrive.
+    incoming: Arc<connections::Incoming>,
 }
 
 /// Takes the snapshot of state that the next generation receives.
@@ -314,7 +322,10 @@ impl Handover {
         if let Some(path) = &self.inner.pid_file {
             note(notify::write_pid_file(path));
         }
-        note(self.inner.listeners.ready());
+        // Taking the previous generation's idle connections from now on, if
+        // it offered them: it hears so in the line that says ready.
+        let taking = self.take_connections();
+        note(self.inner.listeners.ready_taking_connections(taking));
         log!(
             info,
             pid = std::process::id(),
@@ -357,7 +368,12 @@ impl Handover {
         let snapshot: Option<Snapshot<'_>> = snapshot.as_ref().map(|take| take as Snapshot<'_>);
         let result = inner
             .upgrader
-            .upgrade(&inner.listeners, &inner.shutting_down, snapshot)
+            .upgrade(
+                &inner.listeners,
+                &inner.shutting_down,
+                snapshot,
+                inner.hand_over_connections,
+            )
             .await;
         match &result {
             // The new generation counts its own success (this process
@@ -388,9 +404,54 @@ impl Handover {
             }
         };
         self.settle(Outcome::HandedOver(pid));
-        log!(info, new_pid = pid, "handed over; draining this generation");
-        inner.graceful.start_drain();
+        // Idle connections move to the new generation if it takes them;
+        // the rest drain here.
+        let gives_up = inner
+            .upgrader
+            .take_connections_channel()
+            .is_some_and(|channel| match inner.outgoing.start(channel) {
+                Ok(()) => true,
+                Err(e) => {
+                    log!(warn, error = %e, "could not hand connections to the next generation; draining them here");
+                    false
+                }
+            });
+        log!(
+            info,
+            new_pid = pid,
+            connections_move = gives_up,
+            "handed over; draining this generation"
+        );
+        if gives_up {
+            inner.graceful.start_drain_giving_up();
+        } else {
+            inner.graceful.start_drain();
+        }
         Ok(pid)
+    }
+
+    /// In `ready`: starts taking the previous generation's idle
+    /// connections, if it offered them and this generation takes them;
+    /// returns whether it does.
+    fn take_connections(&self) -> bool {
+        let inner = &*self.inner;
+        let channel = inner.listeners.take_connections_channel();
+        let started = match channel {
+            Some(channel) if tokio::runtime::Handle::try_current().is_ok() => {
+                match inner.incoming.start(channel, inner.listeners.names()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log!(warn, error = %e, "could not take the previous generation's connections; it drains them");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if !started {
+            inner.incoming.close();
+        }
+        started
     }
 
     /// Once ready as an upgrade: hears, in the background, how the previous

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::ops::ControlFlow;
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use super::{Exit, Handover, Outcome};
@@ -12,6 +13,7 @@ use crate::inherit::channel;
 use crate::lock::lock;
 use crate::notify;
 use crate::serve::host::sealed::Sealed;
+use crate::serve::moves::Moves;
 use crate::serve::{Accept, Host, HttpService, Serve};
 
 impl Handover {
@@ -101,7 +103,25 @@ impl Host for Handover {
         self.stops_for_good()
     }
 
+    fn moves(&self, listener: Option<BorrowedFd<'_>>) -> Moves {
+        // Only the listeners this generation took from `tcp` or `unix`
+        // have a name the next generation knows them by.
+        let Some((name, family)) = listener.and_then(|fd| self.inner.listeners.name_of(fd)) else {
+            return Moves::none();
+        };
+        Moves {
+            incoming: self.inner.incoming.register(&name, family),
+            give_up: self
+                .inner
+                .hand_over_connections
+                .then(|| self.inner.outgoing.give_up(&name)),
+        }
+    }
+
     async fn finish(self, drained: io::Result<DrainReport>) -> Self::Output {
+        // Every connection given up has its answer by now: the next
+        // generation stops waiting for more.
+        self.inner.outgoing.close();
         let report = drained.map_err(|e| Error::io("serving", e))?;
         // A shutdown during an upgrade has cancelled it: let it kill and
         // reap its child before this process exits, or the child would be

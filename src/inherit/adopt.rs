@@ -1,12 +1,12 @@
 //! Taking ownership of what the environment passed: each fd checked first
-//! (a listening stream socket, a readiness channel, a sealed state file),
-//! then made close-on-exec again.
+//! (a listening stream socket, a readiness channel, a sealed state file, a
+//! connections channel), then made close-on-exec again.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 use super::address::Address;
-use super::env::{HANDOVER_READY_FD, HANDOVER_STATE_FD, Inheritance};
+use super::env::{HANDOVER_CONNECTIONS_FD, HANDOVER_READY_FD, HANDOVER_STATE_FD, Inheritance};
 use crate::error::Error;
 use crate::sys::{self, Family};
 
@@ -29,6 +29,8 @@ pub(super) struct Adopted {
     pub(super) previous_state: Option<Vec<u8>>,
     pub(super) inherited: Vec<Inherited>,
     pub(super) ready_channel: Option<File>,
+    /// Where the previous generation hands over its idle connections.
+    pub(super) connections: Option<OwnedFd>,
 }
 
 /// Checks and owns every fd `inheritance` names; the state file is read
@@ -46,6 +48,10 @@ pub(super) fn adopt(inheritance: Inheritance, max_state: usize) -> Result<Adopte
             let file = sys::adopt(fd).map_err(|e| state_error(e.to_string()))?;
             Some(sys::read_sealed(file, max_state as u64).map_err(state_error)?)
         }
+    };
+    let connections = match inheritance.connections_fd {
+        None => None,
+        Some(fd) => Some(connections_channel(fd)?),
     };
     let mut inherited = Vec::with_capacity(inheritance.fds.len());
     for (fd, name) in inheritance.fds {
@@ -88,7 +94,31 @@ pub(super) fn adopt(inheritance: Inheritance, max_state: usize) -> Result<Adopte
         previous_state,
         inherited,
         ready_channel,
+        connections,
     })
+}
+
+/// The connections channel at `fd`: a `SOCK_SEQPACKET` Unix socket.
+fn connections_channel(fd: RawFd) -> Result<OwnedFd, Error> {
+    let fd_error = |reason: String| Error::Fd {
+        fd,
+        name: HANDOVER_CONNECTIONS_FD.into(),
+        reason,
+    };
+    let channel = sys::adopt(fd).map_err(|e| fd_error(e.to_string()))?;
+    match sys::is_seqpacket(channel.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(fd_error(
+                "it is not a SOCK_SEQPACKET Unix socket".to_owned(),
+            ));
+        }
+        Err(e) => return Err(fd_error(format!("it could not be inspected: {e}"))),
+    }
+    sys::set_cloexec(channel.as_fd())
+        .and_then(|()| sys::set_nonblocking(channel.as_fd()))
+        .map_err(|e| fd_error(format!("cannot set FD_CLOEXEC and O_NONBLOCK: {e}")))?;
+    Ok(channel)
 }
 
 /// The readiness channel at `fd`: a Unix socket (which carries the drain

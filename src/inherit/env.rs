@@ -13,6 +13,7 @@
 //! | [`HANDOVER_BOUND_FDNAMES`] | which of the listeners a previous generation bound itself |
 //! | [`HANDOVER_GENERATION`] | this generation's number, from 2 on (absent: 1) |
 //! | [`HANDOVER_STATE_FD`] | a sealed snapshot of the previous generation's state |
+//! | [`HANDOVER_CONNECTIONS_FD`] | the channel on which the previous generation hands over its idle connections |
 //! | [`HANDOVER_STANDBY_FD`] | in a standby: the socket that all of the above will come on |
 //!
 //! [`Listeners::from_env`](crate::Listeners::from_env) reads them once and
@@ -48,13 +49,17 @@ pub const HANDOVER_GENERATION: &str = "HANDOVER_GENERATION";
 /// The state the previous generation handed over: an fd holding a sealed
 /// snapshot (see [`Handover::hand_over_state`](crate::Handover::hand_over_state)).
 pub const HANDOVER_STATE_FD: &str = "HANDOVER_STATE_FD";
+/// The channel on which the previous generation hands over its idle
+/// HTTP/1 connections: one end of a `SOCK_SEQPACKET` Unix socket pair (see
+/// [`Handover::serve`](crate::Handover::serve)).
+pub const HANDOVER_CONNECTIONS_FD: &str = "HANDOVER_CONNECTIONS_FD";
 /// systemd's notification socket (or a stable parent's): where `READY=1`
 /// and the other states go.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// Every variable of the inheritance protocol: removed from the environment
 /// once read, and never passed on as they were to the next generation.
-pub(crate) const INHERITANCE_VARS: [&str; 8] = [
+pub(crate) const INHERITANCE_VARS: [&str; 9] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
@@ -63,12 +68,15 @@ pub(crate) const INHERITANCE_VARS: [&str; 8] = [
     HANDOVER_STANDBY_FD,
     HANDOVER_GENERATION,
     HANDOVER_STATE_FD,
+    HANDOVER_CONNECTIONS_FD,
 ];
 
 /// The first inherited fd.
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
-/// More inherited listeners than this is taken as a malformed environment.
-pub(crate) const MAX_LISTEN_FDS: usize = sys::MAX_PASSED_FDS - 1;
+/// More inherited listeners than this is taken as a malformed environment:
+/// room is left for the readiness channel, the state and the connections
+/// channel.
+pub(crate) const MAX_LISTEN_FDS: usize = sys::MAX_PASSED_FDS - 3;
 
 /// The inheritance variables as this process found them, before they were
 /// removed from its environment.
@@ -131,6 +139,8 @@ pub(crate) struct Inheritance {
     pub(crate) generation: u64,
     /// The state snapshot's fd (see [`HANDOVER_STATE_FD`]).
     pub(crate) state_fd: Option<RawFd>,
+    /// The connections channel's fd (see [`HANDOVER_CONNECTIONS_FD`]).
+    pub(crate) connections_fd: Option<RawFd>,
 }
 
 impl Inheritance {
@@ -146,7 +156,13 @@ impl Inheritance {
             our_pid,
         )?;
         inheritance.generation = parse_generation(var(HANDOVER_GENERATION))?;
-        inheritance.state_fd = parse_state_fd(var(HANDOVER_STATE_FD), &inheritance)?;
+        inheritance.state_fd =
+            parse_own_fd(HANDOVER_STATE_FD, var(HANDOVER_STATE_FD), &inheritance)?;
+        inheritance.connections_fd = parse_own_fd(
+            HANDOVER_CONNECTIONS_FD,
+            var(HANDOVER_CONNECTIONS_FD),
+            &inheritance,
+        )?;
         inheritance.bound = parse_bound(var(HANDOVER_BOUND_FDNAMES), &inheritance)?;
         Ok(inheritance)
     }
@@ -270,6 +286,7 @@ fn parse_listeners(
         ready_fd,
         generation: 1,
         state_fd: None,
+        connections_fd: None,
     })
 }
 
@@ -289,23 +306,27 @@ fn parse_generation(value: Option<&str>) -> Result<u64, Error> {
     }
 }
 
-/// Parses `HANDOVER_STATE_FD`: an fd of its own, after the listeners and
-/// the readiness channel.
-fn parse_state_fd(value: Option<&str>, so_far: &Inheritance) -> Result<Option<RawFd>, Error> {
+/// Parses `HANDOVER_STATE_FD` or `HANDOVER_CONNECTIONS_FD` (`var`): an fd
+/// of its own, after the listeners, and not one that `so_far` names already.
+fn parse_own_fd(
+    var: &'static str,
+    value: Option<&str>,
+    so_far: &Inheritance,
+) -> Result<Option<RawFd>, Error> {
     let Some(value) = value else {
         return Ok(None);
     };
     let fd: RawFd = value
         .trim()
         .parse()
-        .map_err(|_| env_error(HANDOVER_STATE_FD, value, "not an fd number"))?;
-    let taken =
-        so_far.fds.iter().any(|(listener, _)| *listener == fd) || so_far.ready_fd == Some(fd);
+        .map_err(|_| env_error(var, value, "not an fd number"))?;
+    let taken = so_far.fds.iter().any(|(listener, _)| *listener == fd)
+        || [so_far.ready_fd, so_far.state_fd].contains(&Some(fd));
     if fd < LISTEN_FDS_START || taken {
         return Err(env_error(
-            HANDOVER_STATE_FD,
+            var,
             value,
-            "must be an fd of its own, not 0-2, a listener's or the readiness channel's",
+            "must be an fd of its own, not 0-2, a listener's, the readiness channel's or the state's",
         ));
     }
     Ok(Some(fd))
@@ -334,15 +355,25 @@ fn parse_bound(value: Option<&str>, so_far: &Inheritance) -> Result<Vec<String>,
         .collect()
 }
 
+/// What else a generation passes the next one, besides the listeners and
+/// the readiness channel: the fds that follow them, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Alongside {
+    /// A state snapshot ([`HANDOVER_STATE_FD`]).
+    pub(crate) state: bool,
+    /// The connections channel ([`HANDOVER_CONNECTIONS_FD`]).
+    pub(crate) connections: bool,
+}
+
 /// The variables that tell the next generation about the listeners
 /// `passed` (each one's name, and whether a generation bound it), in fd
-/// order from 3, its number, `generation`, and, `with_state`, where the
-/// state is (after the readiness channel); a standby receives them in its
+/// order from 3, its number, `generation`, and where the fds `alongside`
+/// are (after the readiness channel); a standby receives them in its
 /// message instead.
 pub(crate) fn for_next_generation(
     passed: &[(&str, bool)],
     generation: u64,
-    with_state: bool,
+    alongside: Alongside,
 ) -> Vec<(&'static str, String)> {
     let names: Vec<&str> = passed.iter().map(|(name, _)| *name).collect();
     let bound: Vec<&str> = passed
@@ -356,9 +387,13 @@ pub(crate) fn for_next_generation(
         (HANDOVER_BOUND_FDNAMES, bound.join(":")),
         (HANDOVER_GENERATION, generation.to_string()),
     ];
-    if with_state {
-        let fd = LISTEN_FDS_START + passed.len() as RawFd + 1;
-        vars.push((HANDOVER_STATE_FD, fd.to_string()));
+    let mut next = LISTEN_FDS_START + passed.len() as RawFd + 1;
+    if alongside.state {
+        vars.push((HANDOVER_STATE_FD, next.to_string()));
+        next += 1;
+    }
+    if alongside.connections {
+        vars.push((HANDOVER_CONNECTIONS_FD, next.to_string()));
     }
     vars
 }
@@ -378,11 +413,11 @@ pub(crate) fn child_env(
     ours: impl Iterator<Item = (OsString, OsString)>,
     passed: &[(&str, bool)],
     generation: u64,
-    with_state: bool,
+    alongside: Alongside,
 ) -> Vec<(OsString, OsString)> {
     let mut env = own_env(ours);
     env.extend(
-        for_next_generation(passed, generation, with_state)
+        for_next_generation(passed, generation, alongside)
             .into_iter()
             .map(|(key, value)| (key.into(), value.into())),
     );
@@ -505,7 +540,10 @@ mod tests {
             ours.into_iter(),
             &[("http", true), ("activated", false), ("admin", true)],
             4,
-            true,
+            Alongside {
+                state: true,
+                connections: true,
+            },
         );
         let env: Vec<(String, String)> = env
             .into_iter()
@@ -518,6 +556,7 @@ mod tests {
             ("HANDOVER_BOUND_FDNAMES", "http:admin"),
             ("HANDOVER_GENERATION", "4"),
             ("HANDOVER_STATE_FD", "7"),
+            ("HANDOVER_CONNECTIONS_FD", "8"),
             ("HANDOVER_READY_FD", "6"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
@@ -528,7 +567,11 @@ mod tests {
     #[test]
     fn what_is_written_for_the_next_generation_reads_back() {
         let passed = [("http", true), ("activated", false)];
-        let env = child_env(std::iter::empty(), &passed, 9, true);
+        let alongside = Alongside {
+            state: true,
+            connections: true,
+        };
+        let env = child_env(std::iter::empty(), &passed, 9, alongside);
         let values = env
             .iter()
             .map(|(k, v)| {
@@ -544,7 +587,41 @@ mod tests {
         assert_eq!(spec.bound, vec!["http".to_owned()]);
         assert_eq!(spec.ready_fd, Some(5));
         assert_eq!(spec.state_fd, Some(6));
+        assert_eq!(spec.connections_fd, Some(7));
         assert_eq!(spec.generation, 9);
+        // Without the state, the connections channel comes right after
+        // the readiness channel.
+        let alongside = Alongside {
+            state: false,
+            connections: true,
+        };
+        let vars = for_next_generation(&passed, 9, alongside);
+        assert!(vars.contains(&(HANDOVER_CONNECTIONS_FD, "6".to_owned())));
+        assert!(!vars.iter().any(|(key, _)| *key == HANDOVER_STATE_FD));
+    }
+
+    #[test]
+    fn the_connections_channel_must_be_an_fd_of_its_own() {
+        let base = [
+            (LISTEN_FDS, "1"),
+            (HANDOVER_READY_FD, "4"),
+            (HANDOVER_STATE_FD, "5"),
+        ];
+        for taken in ["0", "2", "3", "4", "5", "x"] {
+            let mut vars = base.to_vec();
+            vars.push((HANDOVER_CONNECTIONS_FD, taken));
+            let err = Inheritance::parse(&found(&vars), 1)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("HANDOVER_CONNECTIONS_FD="),
+                "{taken}: {err}"
+            );
+        }
+        let mut vars = base.to_vec();
+        vars.push((HANDOVER_CONNECTIONS_FD, "6"));
+        let spec = Inheritance::parse(&found(&vars), 1).unwrap();
+        assert_eq!(spec.connections_fd, Some(6));
     }
 
     proptest::proptest! {

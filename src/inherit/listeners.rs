@@ -41,6 +41,9 @@ struct State {
     /// generation receives.
     active: Vec<Active>,
     ready_channel: Option<File>,
+    /// Where the previous generation hands over its idle connections,
+    /// until taken.
+    connections_from: Option<OwnedFd>,
 }
 
 /// The listener source: listeners inherited from the environment, or bound.
@@ -107,6 +110,7 @@ impl Listeners {
                 active: Vec::new(),
                 socket_files: Vec::new(),
                 ready_channel: adopted.ready_channel,
+                connections_from: adopted.connections,
             }),
         })
     }
@@ -123,6 +127,7 @@ impl Listeners {
                 active: Vec::new(),
                 socket_files: Vec::new(),
                 ready_channel: None,
+                connections_from: None,
             }),
         }
     }
@@ -370,6 +375,16 @@ impl Listeners {
     /// call it yourself only when you use `Listeners` alone. Calling it
     /// again does nothing.
     pub fn ready(&self) -> Result<(), Error> {
+        // Alone, nothing takes the previous generation's connections: it
+        // drains them itself.
+        drop(self.take_connections_channel());
+        self.ready_taking_connections(false)
+    }
+
+    /// [`ready`](Self::ready), saying whether this generation takes the
+    /// previous one's idle connections (see
+    /// [`take_connections_channel`](Self::take_connections_channel)).
+    pub(crate) fn ready_taking_connections(&self, connections: bool) -> Result<(), Error> {
         let mut state = self.lock();
         for unused in state.inherited.drain(..) {
             log!(
@@ -381,7 +396,7 @@ impl Listeners {
         }
         if let Some(mut channel) = state.ready_channel.take() {
             channel
-                .write_all(channel::ready_line(std::process::id()).as_bytes())
+                .write_all(channel::ready_line(std::process::id(), connections).as_bytes())
                 .map_err(|e| Error::io("telling the previous generation we are ready", e))?;
             // A socket: the previous generation says on it how its drain
             // went.
@@ -390,6 +405,41 @@ impl Listeners {
             }
         }
         Ok(())
+    }
+
+    /// The channel on which the previous generation hands over its idle
+    /// connections, if it passed one; once.
+    pub(crate) fn take_connections_channel(&self) -> Option<OwnedFd> {
+        self.lock().connections_from.take()
+    }
+
+    /// Whether the previous generation passed a connections channel that
+    /// has not been taken yet.
+    pub(crate) fn has_connections_channel(&self) -> bool {
+        self.lock().connections_from.is_some()
+    }
+
+    /// The names of the listeners taken so far.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.lock()
+            .active
+            .iter()
+            .map(|active| active.name.clone())
+            .collect()
+    }
+
+    /// The name and family of the listener served on `fd` (a copy of one
+    /// taken through [`tcp`](Self::tcp) or [`unix`](Self::unix)): the same
+    /// socket, not merely the same address.
+    pub(crate) fn name_of(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<(String, Family)> {
+        let id = FileId::of_fd(fd).ok()?;
+        let state = self.lock();
+        let active = state
+            .active
+            .iter()
+            .find(|active| FileId::of_fd(active.socket.as_fd()).ok() == Some(id))?;
+        let family = sys::socket_family(active.socket.as_fd()).ok()?;
+        Some((active.name.clone(), family))
     }
 
     /// The channel on which the previous generation says how its drain
@@ -558,6 +608,7 @@ mod tests {
                 socket_files: Vec::new(),
                 active: Vec::new(),
                 ready_channel: None,
+                connections_from: None,
             }),
         }
     }

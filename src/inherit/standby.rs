@@ -22,8 +22,8 @@ use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use super::env::{
-    Found, HANDOVER_BOUND_FDNAMES, HANDOVER_GENERATION, HANDOVER_STANDBY_FD, HANDOVER_STATE_FD,
-    Inheritance, LISTEN_FDNAMES, LISTEN_FDS,
+    Found, HANDOVER_BOUND_FDNAMES, HANDOVER_CONNECTIONS_FD, HANDOVER_GENERATION,
+    HANDOVER_STANDBY_FD, HANDOVER_STATE_FD, Inheritance, LISTEN_FDNAMES, LISTEN_FDS,
 };
 use crate::error::Error;
 use crate::sys;
@@ -36,19 +36,20 @@ const MAX_MESSAGE: usize = 64 * 1024;
 
 /// The keys a message may carry: the inheritance variables a fresh
 /// successor would get, but the readiness channel's, which comes as an fd.
-const MESSAGE_KEYS: [&str; 5] = [
+const MESSAGE_KEYS: [&str; 6] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     HANDOVER_BOUND_FDNAMES,
     HANDOVER_GENERATION,
     HANDOVER_STATE_FD,
+    HANDOVER_CONNECTIONS_FD,
 ];
 
 /// The message that wakes a standby: `MAGIC`, then `KEY=VALUE` lines for
 /// the inheritance variables a fresh successor would get
 /// ([`MESSAGE_KEYS`]), after a 4-byte big-endian length of all that. The
-/// listeners, the readiness channel and the state go with it as fds, in
-/// that order.
+/// listeners, the readiness channel, the state and the connections channel
+/// go with it as fds, in that order.
 fn message(vars: &[(&str, String)]) -> Vec<u8> {
     let mut body = MAGIC.to_vec();
     for (key, value) in vars {
@@ -172,13 +173,22 @@ fn parse_message(body: &[u8], fd_count: usize) -> Result<Inheritance, String> {
         return Err("no LISTEN_FDS".into());
     }
     let inheritance = Inheritance::parse(&found, std::process::id()).map_err(|e| e.to_string())?;
-    // The listeners, then the readiness channel, then the state.
+    // The listeners, then the readiness channel, the state, and the
+    // connections channel.
     let with_state = inheritance.state_fd.is_some();
-    if fd_count != inheritance.fds.len() + 1 + usize::from(with_state) {
+    let with_connections = inheritance.connections_fd.is_some();
+    let expected =
+        inheritance.fds.len() + 1 + usize::from(with_state) + usize::from(with_connections);
+    if fd_count != expected {
         return Err(format!(
-            "{fd_count} fds came with a message for {} listeners, the readiness channel{}",
+            "{fd_count} fds came with a message for {} listeners, the readiness channel{}{}",
             inheritance.fds.len(),
-            if with_state { " and the state" } else { "" }
+            if with_state { ", the state" } else { "" },
+            if with_connections {
+                ", the connections channel"
+            } else {
+                ""
+            },
         ));
     }
     Ok(inheritance)
@@ -194,6 +204,9 @@ fn place(mut inheritance: Inheritance, fds: Vec<OwnedFd>) -> Inheritance {
     inheritance.ready_fd = fds.next();
     if inheritance.state_fd.is_some() {
         inheritance.state_fd = fds.next();
+    }
+    if inheritance.connections_fd.is_some() {
+        inheritance.connections_fd = fds.next();
     }
     inheritance
 }
@@ -222,6 +235,15 @@ mod tests {
         assert_eq!(spec.bound, vec!["admin".to_owned()]);
         let spec = parse_message(&body(&[(LISTEN_FDS, "0")]), 1).unwrap();
         assert!(spec.fds.is_empty());
+        // The state and the connections channel, after the readiness one.
+        let message = body(&[
+            (LISTEN_FDS, "1"),
+            (HANDOVER_STATE_FD, "5"),
+            (HANDOVER_CONNECTIONS_FD, "6"),
+        ]);
+        assert!(parse_message(&message, 3).is_err());
+        let spec = parse_message(&message, 4).unwrap();
+        assert_eq!((spec.state_fd, spec.connections_fd), (Some(5), Some(6)));
     }
 
     #[test]

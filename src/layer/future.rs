@@ -12,6 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use super::body::LongLived;
+use super::track::CloseOnDrain;
 use super::{ResponseBody, Tracked, serving};
 use crate::drain::RequestGuard;
 
@@ -24,7 +25,7 @@ pin_project! {
         #[pin]
         inner: F,
         guard: Option<RequestGuard>,
-        http1: bool,
+        close: CloseOnDrain,
         // The `Graceful` (by id) this future counts on, while the inner
         // future runs: a layer of the same one inside counts nothing
         // again (see `track::serving`); 0 for none.
@@ -40,7 +41,7 @@ impl<F> ResponseFuture<F> {
         Self {
             inner,
             guard: tracked.guard,
-            http1: tracked.http1,
+            close: tracked.close,
             serving: 0,
         }
     }
@@ -76,7 +77,7 @@ where
         let mut long_lived = None;
         if let Some(guard) = &guard {
             if guard.is_draining() {
-                close_after(&mut parts, *this.http1);
+                close_after(&mut parts, *this.close, guard);
             }
             // A body of known length ends by itself, and one without
             // headers has no content type to look up: the common cases skip
@@ -93,11 +94,16 @@ where
 }
 
 /// Once draining: `Connection: close` on an HTTP/1 response, unless it
-/// switches protocols.
+/// switches protocols, or its connection moves to the next generation.
 #[cold]
 #[inline(never)]
-fn close_after(response: &mut http::response::Parts, http1: bool) {
-    if http1 && response.status != StatusCode::SWITCHING_PROTOCOLS {
+fn close_after(response: &mut http::response::Parts, close: CloseOnDrain, guard: &RequestGuard) {
+    let close = match close {
+        CloseOnDrain::Never => false,
+        CloseOnDrain::Always => true,
+        CloseOnDrain::UnlessGivenUp => !guard.gives_up(),
+    };
+    if close && response.status != StatusCode::SWITCHING_PROTOCOLS {
         response
             .headers
             .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -10,10 +10,35 @@ use crate::drain::Graceful;
 use crate::drain::RequestGuard;
 
 /// A request as the layer took it in: its place in the count (none if the
-/// same `Graceful` counts it already), and whether it came over HTTP/1.
+/// same `Graceful` counts it already), and whether its response says
+/// `Connection: close` once the drain has started.
 pub(crate) struct Tracked {
     pub(super) guard: Option<RequestGuard>,
-    pub(super) http1: bool,
+    pub(super) close: CloseOnDrain,
+}
+
+/// Whether a response says `Connection: close` once the drain has started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseOnDrain {
+    /// HTTP/2 (GOAWAY says it), or a `101 Switching Protocols`.
+    Never,
+    /// HTTP/1: the client leaves after this response.
+    Always,
+    /// HTTP/1 on a connection that a drain giving connections up hands
+    /// to the next generation: the client stays, and never learns.
+    UnlessGivenUp,
+}
+
+impl Tracked {
+    /// The request came on a connection that moves to the next generation
+    /// if the drain gives connections up.
+    #[inline]
+    pub(crate) fn on_a_connection_that_moves(mut self) -> Self {
+        if self.close == CloseOnDrain::Always {
+            self.close = CloseOnDrain::UnlessGivenUp;
+        }
+        self
+    }
 }
 
 thread_local! {
@@ -52,7 +77,11 @@ pub(crate) fn track<B>(
     upgrades_tracked: bool,
     req: &mut Request<B>,
 ) -> Tracked {
-    let http1 = req.version() < Version::HTTP_2;
+    let close = if req.version() < Version::HTTP_2 {
+        CloseOnDrain::Always
+    } else {
+        CloseOnDrain::Never
+    };
     let served = SERVING.with(Cell::get) == graceful.id();
     let signal = req.extensions().get::<DrainSignal>();
     if served || signal.is_some_and(|signal| signal.is_from(graceful)) {
@@ -60,7 +89,7 @@ pub(crate) fn track<B>(
             // The serve loop tracks upgrades itself.
             req.extensions_mut().insert(graceful.signal_with(true));
         }
-        return Tracked { guard: None, http1 };
+        return Tracked { guard: None, close };
     }
     let guard = graceful.request_guard();
     if signal_extension {
@@ -69,6 +98,6 @@ pub(crate) fn track<B>(
     }
     Tracked {
         guard: Some(guard),
-        http1,
+        close,
     }
 }

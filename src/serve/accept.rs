@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -37,6 +38,33 @@ pub trait Accept: Send + 'static {
         let _ = (io, nodelay);
         Ok(())
     }
+
+    /// Whether a connection accepted here can be given up to the next
+    /// generation as a socket (TCP and Unix connections can).
+    #[doc(hidden)]
+    const MOVES: bool = false;
+
+    /// The listening socket, which a [`Handover`](crate::Handover) knows by
+    /// its name.
+    #[doc(hidden)]
+    fn listener_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// The socket of a connection accepted here, taken from the runtime.
+    #[doc(hidden)]
+    fn into_fd(io: Self::Io) -> Option<OwnedFd> {
+        drop(io);
+        None
+    }
+
+    /// A connection of this listener's kind from its socket, and its
+    /// peer's address, as if accepted here.
+    #[doc(hidden)]
+    fn from_fd(fd: OwnedFd) -> io::Result<(Self::Io, Self::Addr)> {
+        drop(fd);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Accept for tokio::net::TcpListener {
@@ -54,6 +82,23 @@ impl Accept for tokio::net::TcpListener {
     fn set_nodelay(io: &Self::Io, nodelay: bool) -> io::Result<()> {
         io.set_nodelay(nodelay)
     }
+
+    const MOVES: bool = true;
+
+    fn listener_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+
+    fn into_fd(io: Self::Io) -> Option<OwnedFd> {
+        io.into_std().ok().map(OwnedFd::from)
+    }
+
+    fn from_fd(fd: OwnedFd) -> io::Result<(Self::Io, Self::Addr)> {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        let peer = std.peer_addr()?;
+        Ok((tokio::net::TcpStream::from_std(std)?, peer))
+    }
 }
 
 impl Accept for tokio::net::UnixListener {
@@ -66,6 +111,24 @@ impl Accept for tokio::net::UnixListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         tokio::net::UnixListener::local_addr(self)
+    }
+
+    const MOVES: bool = true;
+
+    fn listener_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+
+    fn into_fd(io: Self::Io) -> Option<OwnedFd> {
+        io.into_std().ok().map(OwnedFd::from)
+    }
+
+    fn from_fd(fd: OwnedFd) -> io::Result<(Self::Io, Self::Addr)> {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        let io = tokio::net::UnixStream::from_std(std)?;
+        let peer = io.peer_addr()?;
+        Ok((io, peer))
     }
 }
 

@@ -68,6 +68,11 @@ impl Default for Busy {
 }
 
 impl Busy {
+    /// How many requests have started on the connection (wrapping).
+    pub(super) fn started(&self) -> u32 {
+        (self.count.load(Ordering::SeqCst) >> 32) as u32
+    }
+
     pub(super) fn is_idle(&self) -> bool {
         self.count.load(Ordering::SeqCst) & IN_PROGRESS == 0
     }

@@ -31,6 +31,33 @@ pub trait Handshake<I>: Send + Sync + 'static {
 
     /// Starts the handshake on an accepted connection.
     fn handshake(&self, io: I) -> Self::Future;
+
+    /// Whether [`give_up`](Handshake::give_up) gives connections up (false
+    /// unless implemented): only then does an idle HTTP/1 connection move
+    /// to the next generation on an upgrade, rather than close.
+    fn gives_up(&self) -> bool {
+        false
+    }
+
+    /// Gives a connection up for the next generation: the accepted stream
+    /// back (whose socket then moves), and what the handshake learned that
+    /// the socket does not tell (a PROXY protocol header's client address,
+    /// say), which [`take_over`](Handshake::take_over) gets in the next
+    /// generation. A TLS stream cannot be given up: its session lives in
+    /// this process. The default gives nothing up.
+    fn give_up(&self, io: Self::Io) -> Result<(I, Vec<u8>), Self::Io> {
+        Err(io)
+    }
+
+    /// Takes over a connection the previous generation gave up, whose
+    /// handshake learned `learned` (see [`give_up`](Handshake::give_up)):
+    /// the stream HTTP goes on on, as the handshake would have made it.
+    /// `None`: this handshake cannot (the connection is closed). The
+    /// default cannot.
+    fn take_over(&self, io: I, learned: &[u8]) -> Option<Self::Future> {
+        let _ = (io, learned);
+        None
+    }
 }
 
 /// The [`Handshake`] that serves HTTP on each connection as it was
@@ -48,6 +75,18 @@ where
 
     fn handshake(&self, io: I) -> Self::Future {
         std::future::ready(Ok(io))
+    }
+
+    fn gives_up(&self) -> bool {
+        true
+    }
+
+    fn give_up(&self, io: I) -> Result<(I, Vec<u8>), I> {
+        Ok((io, Vec::new()))
+    }
+
+    fn take_over(&self, io: I, _learned: &[u8]) -> Option<Self::Future> {
+        Some(std::future::ready(Ok(io)))
     }
 }
 

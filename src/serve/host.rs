@@ -3,7 +3,9 @@
 use std::future::Future;
 use std::io;
 use std::ops::ControlFlow;
+use std::os::fd::BorrowedFd;
 
+use super::moves::Moves;
 use crate::drain::DrainReport;
 use crate::drain::Graceful;
 
@@ -32,6 +34,11 @@ pub trait Host: sealed::Sealed + Send + Sync + 'static {
     #[doc(hidden)]
     fn closes_for_good(&self) -> bool;
 
+    /// How the connections of the loop on `listener` move between
+    /// generations.
+    #[doc(hidden)]
+    fn moves(&self, listener: Option<BorrowedFd<'_>>) -> Moves;
+
     /// Once the loop has drained: what its future gives.
     #[doc(hidden)]
     fn finish(self, drained: io::Result<DrainReport>) -> impl Future<Output = Self::Output> + Send;
@@ -57,6 +64,10 @@ impl Host for Graceful {
 
     fn closes_for_good(&self) -> bool {
         true
+    }
+
+    fn moves(&self, _listener: Option<BorrowedFd<'_>>) -> Moves {
+        Moves::none()
     }
 
     async fn finish(self, drained: io::Result<DrainReport>) -> Self::Output {

@@ -1,12 +1,16 @@
-//! [`ConnIo`]: one connection's IO, which tells HTTP/2 from HTTP/1 by its
-//! first bytes and fails once the close grace forces it.
+//! [`ConnIo`]: one connection's IO, which replays what was read of it
+//! before hyper reads (the bytes that told HTTP/2 from HTTP/1, and those a
+//! previous generation read and did not parse), fails once the close grace
+//! forces it, and does not shut the socket down when the connection is
+//! given up to the next generation.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
+use bytes::{Buf, Bytes, BytesMut};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -14,21 +18,23 @@ use crate::drain::Force;
 use crate::drain::UpgradeToken;
 use crate::lock::lock;
 
-/// Not known yet: too few bytes read.
-const PROTOCOL_UNKNOWN: u8 = 0;
-/// HTTP/1.x.
-const PROTOCOL_H1: u8 = 1;
-/// HTTP/2 with prior knowledge (its preface).
-pub(super) const PROTOCOL_H2: u8 = 2;
+/// The HTTP/2 connection preface that an h2c client with prior knowledge
+/// sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The start of the HTTP/2 connection preface that an h2c client with
-/// prior knowledge sends first.
-const H2_PREFACE_START: &[u8; 4] = b"PRI ";
+/// The protocol a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Version {
+    H1,
+    H2,
+}
 
 /// What the serve loop and one connection's IO share.
 pub(super) struct ConnState {
-    /// `PROTOCOL_*`, from the first bytes read.
-    pub(super) protocol: AtomicU8,
+    /// The connection is being given up to the next generation: shutting
+    /// its IO down would end the socket for the next generation too, so
+    /// `poll_shutdown` leaves it open.
+    pub(super) giving_up: AtomicBool,
     /// The close grace forced this (upgraded) connection: IO fails.
     pub(super) forced: AtomicBool,
     /// A request on it asked to upgrade (HTTP/1.1 `Upgrade`, `CONNECT`):
@@ -47,7 +53,7 @@ pub(super) struct ConnState {
 impl Default for ConnState {
     fn default() -> Self {
         Self {
-            protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
+            giving_up: AtomicBool::new(false),
             forced: AtomicBool::new(false),
             may_upgrade: AtomicBool::new(false),
             read_waker: Mutex::new(None),
@@ -123,60 +129,82 @@ macro_rules! unless_forced {
 }
 
 pin_project! {
-    /// One connection's IO: notes from the first bytes read whether the
-    /// peer speaks HTTP/2 (hyper-util's auto builder does not tell), and
-    /// fails once the close grace forces it (after an upgrade).
+    /// One connection's IO: what was read of it already (`prefix`) comes
+    /// first, then the socket's; it fails once the close grace forces it
+    /// (after an upgrade).
     pub(super) struct ConnIo<I> {
         #[pin]
         inner: I,
         state: Arc<ConnState>,
-        seen: [u8; 4],
-        seen_len: u8,
-        decided: bool,
+        prefix: Bytes,
     }
 }
 
 impl<I> ConnIo<I> {
-    pub(super) fn new(inner: I, state: Arc<ConnState>) -> Self {
+    /// `inner`, whose first bytes are `prefix`, read from it already.
+    pub(super) fn new(inner: I, state: Arc<ConnState>, prefix: Bytes) -> Self {
         Self {
             inner,
             state,
-            seen: [0; 4],
-            seen_len: 0,
-            decided: false,
+            prefix,
         }
+    }
+
+    /// The stream, and what was read of it that nothing has read from here
+    /// yet.
+    pub(super) fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<I: AsyncRead + Unpin> ConnIo<I> {
+    /// Reads (into the prefix, to be read again) until the first bytes say
+    /// which protocol the peer speaks: HTTP/2 with prior knowledge sends
+    /// its 24-byte preface first, anything else is HTTP/1 (as soon as a byte
+    /// differs, or at end of file).
+    pub(super) async fn read_version(&mut self) -> io::Result<Version> {
+        let mut seen = BytesMut::from(&self.prefix[..]);
+        let version = loop {
+            let len = seen.len().min(H2_PREFACE.len());
+            if seen[..len] != H2_PREFACE[..len] {
+                break Version::H1;
+            }
+            if len == H2_PREFACE.len() {
+                break Version::H2;
+            }
+            seen.reserve(H2_PREFACE.len() - len);
+            let read =
+                tokio::io::AsyncReadExt::read_buf(&mut Pin::new(&mut self.inner), &mut seen).await;
+            match read {
+                Ok(0) => break Version::H1,
+                Ok(_) => {}
+                Err(e) => {
+                    self.prefix = seen.freeze();
+                    return Err(e);
+                }
+            }
+        };
+        self.prefix = seen.freeze();
+        Ok(version)
     }
 }
 
 impl<I: AsyncRead> AsyncRead for ConnIo<I> {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let state = &**this.state;
-        if *this.decided {
-            return unless_forced!(state, read_waker, cx, this.inner.poll_read(cx, buf));
-        }
-        let before = buf.filled().len();
-        let result = this.inner.poll_read(cx, buf);
-        let new = &buf.filled()[before..];
-        let have = usize::from(*this.seen_len);
-        let take = new.len().min(4 - have);
-        this.seen[have..have + take].copy_from_slice(&new[..take]);
-        *this.seen_len += take as u8;
-        let seen = &this.seen[..usize::from(*this.seen_len)];
-        if seen.len() == 4 || !H2_PREFACE_START.starts_with(seen) {
-            *this.decided = true;
-            let protocol = if seen == H2_PREFACE_START {
-                PROTOCOL_H2
-            } else {
-                PROTOCOL_H1
-            };
-            state.protocol.store(protocol, Ordering::Relaxed);
-        }
-        result
+        unless_forced!(state, read_waker, cx, this.inner.poll_read(cx, buf))
     }
 }
 
@@ -199,7 +227,7 @@ impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        if this.state.is_forced() {
+        if this.state.is_forced() || this.state.giving_up.load(Ordering::SeqCst) {
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_shutdown(cx)
@@ -230,27 +258,71 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn sniff(chunks: &[&[u8]]) -> u8 {
+    /// The version `chunks` tell, written one at a time, and that every
+    /// byte read to tell it is read again.
+    async fn sniff(prefix: &[u8], chunks: &[&[u8]]) -> Version {
         let (mut client, server) = tokio::io::duplex(64);
         let state = Arc::new(ConnState::default());
-        let mut io = ConnIo::new(server, state.clone());
-        let mut buf = [0u8; 64];
-        for chunk in chunks {
-            client.write_all(chunk).await.unwrap();
-            let n = io.read(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], *chunk, "bytes pass through unchanged");
-        }
-        state.protocol.load(Ordering::Relaxed)
+        let mut io = ConnIo::new(server, state, Bytes::copy_from_slice(prefix));
+        let written: Vec<u8> = chunks.concat();
+        let writer = {
+            let chunks: Vec<Vec<u8>> = chunks.iter().map(|c| c.to_vec()).collect();
+            tokio::spawn(async move {
+                for chunk in chunks {
+                    client.write_all(&chunk).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                // End of file: what the version is told by, without bytes.
+            })
+        };
+        let version = io.read_version().await.unwrap();
+        writer.await.unwrap();
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(
+            all,
+            [prefix, &written[..]].concat(),
+            "bytes pass through unchanged"
+        );
+        version
     }
 
     #[tokio::test]
-    async fn sniffs_the_http2_preface() {
+    async fn the_http2_preface_is_told_from_http1_and_every_byte_read_again() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        assert_eq!(sniff(b"", &[preface]).await, Version::H2);
         assert_eq!(
-            sniff(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await,
-            PROTOCOL_H2
+            sniff(b"", &[b"PR", b"I * HTTP/2.0", b"\r\n\r\nSM\r\n\r\n"]).await,
+            Version::H2
         );
-        assert_eq!(sniff(&[b"PR", b"I * HTTP/2.0"]).await, PROTOCOL_H2);
-        assert_eq!(sniff(&[b"P", b"R"]).await, PROTOCOL_UNKNOWN);
+        assert_eq!(
+            sniff(b"PRI * ", &[b"HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await,
+            Version::H2
+        );
+        assert_eq!(sniff(b"", &[b"GET / HTTP/1.1\r\n"]).await, Version::H1);
+        assert_eq!(
+            sniff(b"", &[b"P", b"OST / HTTP/1.1\r\n"]).await,
+            Version::H1
+        );
+        assert_eq!(sniff(b"", &[b"PRIX"]).await, Version::H1);
+        assert_eq!(sniff(b"GET /", &[]).await, Version::H1);
+        // End of file before anything: HTTP/1, which then sees it.
+        assert_eq!(sniff(b"", &[]).await, Version::H1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_up_is_not_shut_down() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let state = Arc::new(ConnState::default());
+        let mut io = ConnIo::new(server, state.clone(), Bytes::new());
+        state.giving_up.store(true, Ordering::SeqCst);
+        io.shutdown().await.unwrap();
+        let (mut server, rest) = io.into_parts();
+        assert!(rest.is_empty());
+        server.write_all(b"still open").await.unwrap();
+        let mut buf = [0u8; 10];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"still open");
     }
 
     #[test]
@@ -260,12 +332,5 @@ mod tests {
         let state = std::mem::size_of::<ConnState>() + 2 * std::mem::size_of::<usize>();
         let entry = std::mem::size_of::<(u64, Option<std::sync::Weak<dyn Force>>)>() + 1;
         assert!(state + entry < 200, "{state} + {entry}");
-    }
-
-    #[tokio::test]
-    async fn sniffs_http1_methods() {
-        assert_eq!(sniff(&[b"GET / HTTP/1.1\r\n"]).await, PROTOCOL_H1);
-        assert_eq!(sniff(&[b"P", b"OST / HTTP/1.1\r\n"]).await, PROTOCOL_H1);
-        assert_eq!(sniff(&[b"PRIX"]).await, PROTOCOL_H1);
     }
 }

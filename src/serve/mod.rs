@@ -1,18 +1,24 @@
-//! [`serve`]: an accept loop on hyper-util's HTTP/1 + HTTP/2 builder that
+//! [`serve`]: an accept loop on hyper's HTTP/1 and HTTP/2 connections that
 //! counts every connection and request on a [`Graceful`], and drains each
 //! protocol the way its clients take without an error.
 //!
 //! Part of the drain half: it knows nothing of processes. A
 //! [`Handover`](crate::Handover) runs the same loop through
-//! [`Handover::serve`](crate::Handover::serve).
+//! [`Handover::serve`](crate::Handover::serve); when its drain gives
+//! connections up, the loop hands each idle HTTP/1 connection (its socket,
+//! the bytes read and not parsed, what its handshake learned) to the
+//! hand-over half to carry, and serves on those the previous generation
+//! gave up.
 
 mod accept;
 mod busy;
 mod connection;
 mod handshake;
 pub(crate) mod host;
+mod http;
 mod info;
 mod io;
+pub(crate) mod moves;
 mod presized;
 mod run;
 mod service;
@@ -25,11 +31,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use ::http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto::Builder;
 
 use crate::drain::Graceful;
 use crate::error::BoxError;
@@ -37,6 +41,7 @@ use crate::error::BoxError;
 pub use accept::Accept;
 pub use handshake::{Handshake, NoHandshake};
 pub use host::Host;
+pub use http::HttpBuilder;
 use info::{MakeExtend, MakeHandshakeExtend};
 
 /// Default for [`Serve::idle_grace`]: 500 ms.
@@ -147,7 +152,7 @@ where
 }
 
 /// Adjusts the HTTP builder, after handover's own settings.
-type Configure = Box<dyn FnOnce(&mut Builder<TokioExecutor>) + Send>;
+type Configure = Box<dyn FnOnce(&mut HttpBuilder) + Send>;
 
 /// The settings of a serve loop that do not depend on its types.
 struct Options {
@@ -157,6 +162,7 @@ struct Options {
     configure: Vec<Configure>,
     header_read_timeout: Option<Duration>,
     signal_extension: bool,
+    hand_over_connections: bool,
 }
 
 /// The builder returned by [`serve`] and
@@ -194,6 +200,7 @@ impl<L: Accept, S, R: Host> Serve<L, S, NoHandshake, R> {
                 configure: Vec::new(),
                 header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
                 signal_extension: false,
+                hand_over_connections: true,
             },
         }
     }
@@ -243,6 +250,27 @@ impl<L: Accept, S, H: Handshake<L::Io>, R> Serve<L, S, H, R> {
         self
     }
 
+    /// Whether, on a hand-over to the next generation, this loop's idle
+    /// HTTP/1 connections move there rather than close (on by default).
+    ///
+    /// HTTP/1 has no GOAWAY: closing a keep-alive connection between two
+    /// requests races the client's next one, whatever the grace, and a
+    /// pooled client (a load balancer, a browser) pays a new handshake. With
+    /// this on, when a [`Handover`](crate::Handover) hands over to a
+    /// generation that takes connections, each plaintext HTTP/1 connection
+    /// moves: at once if idle, else once the response in progress has been
+    /// written (within the close grace), and that response says nothing of
+    /// the drain. The next generation serves it on, the bytes it had sent
+    /// and this one had not parsed first: its client sees no close, no
+    /// reset and no new handshake. TLS, HTTP/2 and upgraded connections,
+    /// and every connection on a shutdown, drain as ever; so does one the
+    /// next generation cannot take (it is never lost, nor served twice).
+    /// Under [`serve`](crate::serve()) alone nothing moves.
+    pub fn hand_over_connections(mut self, enabled: bool) -> Self {
+        self.options.hand_over_connections = enabled;
+        self
+    }
+
     /// Whether accepted TCP connections get `TCP_NODELAY` (on by default).
     ///
     /// On keeps tail latency low for request/response traffic; off (Nagle)
@@ -253,12 +281,12 @@ impl<L: Accept, S, H: Handshake<L::Io>, R> Serve<L, S, H, R> {
         self
     }
 
-    /// Adjusts hyper-util's HTTP/1 and HTTP/2 server settings: HTTP/2
+    /// Adjusts hyper's HTTP/1 and HTTP/2 server settings: HTTP/2
     /// keep-alive pings for long gRPC streams (what tonic's
     /// `http2_keepalive_interval` sets on its own server), concurrent
-    /// stream and header size limits, HTTP/1 header read timeouts.
+    /// stream and header size limits, HTTP/1 buffer sizes.
     ///
-    /// `configure` runs once, when serving starts, on a builder that has
+    /// `configure` runs once, when serving starts, on builders that have
     /// handover's settings already: tokio's timer for both protocols, and
     /// extended CONNECT (WebSockets over HTTP/2). Call it again to add more.
     ///
@@ -286,7 +314,7 @@ impl<L: Accept, S, H: Handshake<L::Io>, R> Serve<L, S, H, R> {
     /// ```
     pub fn http_builder<F>(mut self, configure: F) -> Self
     where
-        F: FnOnce(&mut Builder<TokioExecutor>) + Send + 'static,
+        F: FnOnce(&mut HttpBuilder) + Send + 'static,
     {
         self.options.configure.push(Box::new(configure));
         self
@@ -471,6 +499,7 @@ impl<L: Accept, S, H: Handshake<L::Io>, R> fmt::Debug for Serve<L, S, H, R> {
             .field("http_builder", &options.configure.len())
             .field("header_read_timeout", &options.header_read_timeout)
             .field("signal_extension", &options.signal_extension)
+            .field("hand_over_connections", &options.hand_over_connections)
             .finish_non_exhaustive()
     }
 }

@@ -35,12 +35,18 @@ use crate::layer::{ResponseBody, ResponseFuture, Tracked, serving, track};
 /// service for each request and calls it once it is ready; nothing of its
 /// own is cloned but the connection's count.
 pub(super) struct ConnService<S> {
-    pub(super) inner: S,
+    /// Boxed, so that the connection can be taken apart whatever `S` is
+    /// (hyper's `into_parts` needs it `Unpin`).
+    pub(super) inner: Box<S>,
     pub(super) graceful: Graceful,
     pub(super) conn: Arc<ConnState>,
     pub(super) busy: Arc<Busy>,
     pub(super) extend: Option<Extend>,
     pub(super) presized: Option<Arc<Presized>>,
+    /// HTTP/1 on a connection that moves to the next generation when the
+    /// drain gives connections up: its responses then say nothing of the
+    /// drain.
+    pub(super) moves: bool,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
@@ -57,7 +63,10 @@ where
         let busy = self.busy.start();
         // Counted before the signal goes in: a request that carries one of
         // this `Graceful`'s counts as counted already.
-        let tracked = track(&self.graceful, false, true, &mut req);
+        let mut tracked = track(&self.graceful, false, true, &mut req);
+        if self.moves {
+            tracked = tracked.on_a_connection_that_moves();
+        }
         if let Some(presized) = &self.presized {
             presized.put_in(&mut req);
         }
@@ -78,7 +87,7 @@ where
         let tunnel = req.method() == Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some();
         let graceful = self.graceful.id();
-        let mut service = self.inner.clone();
+        let mut service = S::clone(&self.inner);
         // HTTP/1: most services (a router, a `service_fn`) are always ready,
         // so call it now, and the request is not moved into the future and
         // out again; one that is not is polled again, with the task's

@@ -63,7 +63,7 @@ impl std::fmt::Display for NotListener {
 /// Fds already adopted by this process: each may be owned once only.
 static ADOPTED: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 
-fn is_open(fd: RawFd) -> bool {
+pub(crate) fn is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only reads the descriptor flags of `fd`; on a number
     // that is not an open fd it fails with EBADF and touches nothing.
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
@@ -187,7 +187,62 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// The most fds one upgrade passes on (listeners and the readiness pipe).
+/// Sets `O_NONBLOCK`, as Tokio wants of the fds it registers.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and write the status flags of an fd
+    // that `BorrowedFd` guarantees is open.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags == -1 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == -1
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Whether `fd` is a `SOCK_SEQPACKET` Unix socket (the channel that carries
+/// idle connections to the next generation).
+pub(crate) fn is_seqpacket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    if fstat_mode(fd)? & libc::S_IFMT != libc::S_IFSOCK {
+        return Ok(false);
+    }
+    Ok(
+        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? == libc::SOCK_SEQPACKET
+            && family(fd)? == Family::Unix,
+    )
+}
+
+/// Checks that `fd`, handed over as a connection, is a stream socket of
+/// `family` that does not listen: a connection and nothing else.
+pub(crate) fn connected_stream_socket(fd: BorrowedFd<'_>, expected: Family) -> io::Result<()> {
+    let bad = |what: &str| Err(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()));
+    if fstat_mode(fd)? & libc::S_IFMT != libc::S_IFSOCK {
+        return bad("it is not a socket");
+    }
+    if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return bad("it is not a stream socket");
+    }
+    if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0 {
+        return bad("it is a listening socket");
+    }
+    let got = family(fd)?;
+    if got != expected {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("it is {}, not {}", got.describe(), expected.describe()),
+        ));
+    }
+    Ok(())
+}
+
+/// The address family of a socket.
+pub(crate) fn socket_family(fd: BorrowedFd<'_>) -> io::Result<Family> {
+    family(fd)
+}
+
+/// The most fds one upgrade passes on (the listeners, the readiness
+/// channel, the state and the connections channel).
 pub(crate) const MAX_PASSED_FDS: usize = 64;
 
 /// Removes an inheritance variable from the environment, so that the
@@ -322,6 +377,20 @@ pub(crate) struct FileId {
 }
 
 impl FileId {
+    /// The identity of what `fd` refers to.
+    pub(crate) fn of_fd(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { mem::zeroed() };
+        // SAFETY: `st` is valid for writes of one `stat`.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+        })
+    }
+
     /// The identity of what `path` names, following symlinks.
     pub(crate) fn of(path: &std::path::Path) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;

@@ -246,7 +246,7 @@ pub(crate) fn spawn(
     // different number clears `FD_CLOEXEC`.
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let count = raw.len() as RawFd;
-    let spares = spare_fds(&raw);
+    let spares = spare_fds(&raw, super::is_open);
 
     let mut setup = SpawnSetup::new()?;
     let mut pid: libc::pid_t = 0;
@@ -384,16 +384,18 @@ fn readable_when_exited(
 }
 
 /// Numbers to park `sources` on in the child while they are laid out at
-/// 3, 4, …: the lowest ones past the targets that are not sources.
+/// 3, 4, …: the lowest ones past the targets that are neither sources nor
+/// open here (`open` says which are).
 ///
 /// Low on purpose: a server near its fd limit has its sources at high
-/// numbers, and a number past all of them could be past the limit. A spare
-/// may be open in the child (a copy of one of this process's fds, all of
-/// which close at `exec`): `dup2` just replaces that copy.
-fn spare_fds(sources: &[RawFd]) -> Vec<RawFd> {
+/// numbers, and a number past all of them could be past the limit. Not
+/// open here, so that a spare replaces nothing in the child: an fd this
+/// process was started with and passes on (one its launcher leaked, say)
+/// reaches the next generation as it reached this one.
+fn spare_fds(sources: &[RawFd], open: impl Fn(RawFd) -> bool) -> Vec<RawFd> {
     let first = 3 + sources.len() as RawFd;
     (first..)
-        .filter(|fd| !sources.contains(fd))
+        .filter(|&fd| !sources.contains(&fd) && !open(fd))
         .take(sources.len())
         .collect()
 }
@@ -507,13 +509,16 @@ mod tests {
     }
 
     #[test]
-    fn spare_fds_are_low_and_clear_of_sources_and_targets() {
-        assert_eq!(spare_fds(&[]), Vec::<RawFd>::new());
+    fn spare_fds_are_low_and_clear_of_sources_targets_and_open_fds() {
+        let none_open = |_| false;
+        assert_eq!(spare_fds(&[], none_open), Vec::<RawFd>::new());
         // Sources inside the target range and past it.
-        assert_eq!(spare_fds(&[4, 3]), vec![5, 6]);
-        assert_eq!(spare_fds(&[5, 6, 9]), vec![7, 8, 10]);
+        assert_eq!(spare_fds(&[4, 3], none_open), vec![5, 6]);
+        assert_eq!(spare_fds(&[5, 6, 9], none_open), vec![7, 8, 10]);
         // Sources high up (a server near its limit): spares stay low.
-        assert_eq!(spare_fds(&[1021, 1022, 1023]), vec![6, 7, 8]);
+        assert_eq!(spare_fds(&[1021, 1022, 1023], none_open), vec![6, 7, 8]);
+        // An fd open here (which the child may inherit) is passed over.
+        assert_eq!(spare_fds(&[4, 3], |fd| fd == 5), vec![6, 7]);
     }
 
     #[tokio::test]

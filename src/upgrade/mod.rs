@@ -61,6 +61,9 @@ pub(crate) struct Upgrader {
     handed_over: AtomicBool,
     /// That generation's readiness channel, for the drain report.
     report_to: Mutex<Option<UnixStream>>,
+    /// That generation's end of the connections channel, if it takes this
+    /// one's idle connections.
+    connections_to: Mutex<Option<OwnedFd>>,
 }
 
 /// Clears `running` when the upgrade ends, however it ends.
@@ -107,6 +110,7 @@ impl Upgrader {
             retired: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
             report_to: Mutex::new(None),
+            connections_to: Mutex::new(None),
         })
     }
 
@@ -184,13 +188,17 @@ impl Upgrader {
     }
 
     /// Starts the next generation with the listeners and waits until it is
-    /// ready; returns its pid. On any failure the child is killed and
-    /// reaped, and this process goes on as before.
+    /// ready; returns its pid. With `connections`, it is passed a channel
+    /// to take this generation's idle connections on (see
+    /// [`take_connections_channel`](Self::take_connections_channel)). On
+    /// any failure the child is killed and reaped, and this process goes on
+    /// as before.
     pub(crate) async fn upgrade(
         &self,
         listeners: &Listeners,
         cancel: &CancellationToken,
         snapshot: Option<Snapshot<'_>>,
+        connections: bool,
     ) -> Result<u32, Error> {
         check_parent()?;
         if self.running.swap(true, Ordering::SeqCst) {
@@ -206,7 +214,13 @@ impl Upgrader {
             sys::monotonic_usec()
         ));
         let result = match state_file(snapshot) {
-            Ok(state) => self.start_next(listeners, cancel, state.as_ref()).await,
+            Ok(state) => {
+                let passing = Passing {
+                    state: state.as_ref(),
+                    connections,
+                };
+                self.start_next(listeners, cancel, passing).await
+            }
             Err(e) => {
                 log!(error, error = %e, "upgrade failed; this generation keeps serving");
                 Err(e)
@@ -229,17 +243,20 @@ impl Upgrader {
         &self,
         listeners: &Listeners,
         cancel: &CancellationToken,
-        state: Option<&OwnedFd>,
+        passing: Passing<'_>,
     ) -> Result<u32, Error> {
         self.check_binary()?;
         if let Some(standby) = self.take_standby() {
-            match self.attempt(listeners, cancel, Some(standby), state).await {
+            match self
+                .attempt(listeners, cancel, Some(standby), passing)
+                .await
+            {
                 Err(Attempt::NotTaken) => {}
                 Err(Attempt::Failed(e)) => return Err(e),
                 Ok(pid) => return Ok(pid),
             }
         }
-        match self.attempt(listeners, cancel, None, state).await {
+        match self.attempt(listeners, cancel, None, passing).await {
             Ok(pid) => Ok(pid),
             Err(Attempt::Failed(e)) => Err(e),
             // Only a woken standby leaves the listeners untaken.
@@ -257,7 +274,7 @@ impl Upgrader {
         listeners: &Listeners,
         cancel: &CancellationToken,
         standby: Option<Standby>,
-        state: Option<&OwnedFd>,
+        passing: Passing<'_>,
     ) -> Result<u32, Attempt> {
         let passed = listeners.for_next_generation()?;
         // The readiness channel: the child says READY on it, and, once this
@@ -270,28 +287,44 @@ impl Upgrader {
             .collect();
         let count = passed.len();
         let generation = listeners.generation() + 1;
+        // The connections channel: the child takes this generation's idle
+        // connections on it, if it says so when ready.
+        let connections = match passing.connections {
+            true => Some(
+                sys::fdpass::seqpacket_pair()
+                    .map_err(|e| Error::io("creating the connections channel", e))?,
+            ),
+            false => None,
+        };
+        let alongside = env::Alongside {
+            state: passing.state.is_some(),
+            connections: connections.is_some(),
+        };
         // What the child is told of the listeners: a standby in its
         // message, a fresh start in its environment.
-        let with_state = state.is_some();
         let (vars, child_env) = match standby {
             Some(_) => (
-                env::for_next_generation(&listed, generation, with_state),
+                env::for_next_generation(&listed, generation, alongside),
                 Vec::new(),
             ),
             None => (
                 Vec::new(),
-                env::child_env(std::env::vars_os(), &listed, generation, with_state),
+                env::child_env(std::env::vars_os(), &listed, generation, alongside),
             ),
         };
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();
         fds.push(OwnedFd::from(writer));
-        if let Some(state) = state {
+        if let Some(state) = passing.state {
             fds.push(
                 state
                     .try_clone()
                     .map_err(|e| Error::io("passing the state on", e))?,
             );
         }
+        let connections = connections.map(|(ours, theirs)| {
+            fds.push(theirs);
+            ours
+        });
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
 
         let (started, socket) = match standby {
@@ -334,8 +367,11 @@ impl Upgrader {
 
         let result = self.wait_ready(&mut child, pid, reader, cancel).await;
         match result {
-            Ok(channel) => {
+            Ok((channel, ready)) => {
                 *lock(&self.report_to) = Some(channel);
+                // Kept only if the child takes connections: an older
+                // binary never reads it.
+                *lock(&self.connections_to) = connections.filter(|_| ready.connections);
                 self.handed_over.store(true, Ordering::SeqCst);
                 self.retired.store(true, Ordering::SeqCst);
                 log!(info, pid, "the next generation is ready");
@@ -359,14 +395,15 @@ impl Upgrader {
     }
 
     /// Waits for `READY=` on the readiness channel (`reader`); returns the
-    /// channel, on which the drain report goes later.
+    /// channel, on which the drain report goes later, and what the line
+    /// said.
     async fn wait_ready(
         &self,
         child: &mut Child,
         pid: u32,
         reader: UnixStream,
         cancel: &CancellationToken,
-    ) -> Result<UnixStream, Error> {
+    ) -> Result<(UnixStream, channel::Ready), Error> {
         let mut channel = reader
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(reader))
@@ -384,21 +421,22 @@ impl Upgrader {
                     .await
                 {
                     Ok(_) if line.ends_with(b"\n") => {
-                        if channel::is_ready_line(&line) {
-                            return true;
+                        if let Some(ready) = channel::parse_ready_line(&line) {
+                            return Some(ready);
                         }
                     }
                     // End of file, a line too long, or an error.
-                    _ => return false,
+                    _ => return None,
                 }
             }
         };
         tokio::select! {
             ready = read_ready => {
-                if ready {
+                if let Some(ready) = ready {
                     return channel
                         .into_std()
                         .and_then(|channel| channel.set_nonblocking(false).map(|()| channel))
+                        .map(|channel| (channel, ready))
                         .map_err(|e| Error::io("keeping the readiness channel", e));
                 }
                 // End of file without READY: it is exiting, or closed the
@@ -425,6 +463,21 @@ impl Upgrader {
     pub(crate) fn take_report_channel(&self) -> Option<UnixStream> {
         lock(&self.report_to).take()
     }
+
+    /// The connections channel to the generation this one handed over to,
+    /// if it takes this one's idle connections; once.
+    pub(crate) fn take_connections_channel(&self) -> Option<OwnedFd> {
+        lock(&self.connections_to).take()
+    }
+}
+
+/// What an upgrade passes the next generation besides the listeners.
+#[derive(Clone, Copy)]
+struct Passing<'a> {
+    /// The state snapshot's file.
+    state: Option<&'a OwnedFd>,
+    /// Whether to offer it this generation's idle connections.
+    connections: bool,
 }
 
 /// How one try at the next generation failed.

@@ -75,3 +75,76 @@ pub async fn open_events(addr: SocketAddr, last_event_id: Option<u64>) -> hyper:
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     response.into_body()
 }
+
+/// One keep-alive HTTP/1 connection from hyper's client, kept open: each
+/// request goes on it, and on no other.
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    conn: tokio::task::JoinHandle<hyper::Result<()>>,
+    /// The client's end.
+    pub local: SocketAddr,
+    /// The server's.
+    pub server: SocketAddr,
+}
+
+impl KeepAlive {
+    pub async fn open(server: SocketAddr) -> KeepAlive {
+        let stream = tokio::net::TcpStream::connect(server).await.unwrap();
+        let local = stream.local_addr().unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        KeepAlive {
+            sender,
+            conn: tokio::spawn(conn),
+            local,
+            server,
+        }
+    }
+
+    /// `GET path` on this connection: the response's head and body, or
+    /// what went wrong.
+    pub async fn try_get(&mut self, path: &str) -> Result<(http::response::Parts, Bytes), String> {
+        use http_body_util::BodyExt;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("not ready: {e}"))?;
+        let request = http::Request::get(path)
+            .header(http::header::HOST, "127.0.0.1")
+            .body(Empty::new())
+            .unwrap();
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let (head, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        Ok((head, body))
+    }
+
+    /// `GET path` on this connection, which must answer: the body, after
+    /// checking the response keeps the connection open.
+    pub async fn get(&mut self, path: &str) -> String {
+        let (head, body) = self.try_get(path).await.unwrap();
+        assert_eq!(head.headers.get(http::header::CONNECTION), None, "{head:?}");
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Whether the connection is still open: the client has seen neither
+    /// an end of file nor an error on it.
+    pub fn is_open(&self) -> bool {
+        !self.conn.is_finished()
+    }
+
+    /// The server's end of it, as `/proc/net/tcp` shows it.
+    pub fn server_socket(&self) -> Option<super::proc::TcpSocket> {
+        super::proc::tcp_socket(self.server, self.local)
+    }
+}

@@ -24,12 +24,13 @@ pub mod websocket;
 pub mod load_client;
 
 pub use deploy::{Deploy, Gate, example_binary, hello_binary};
-pub use http::{connect_when_listening, get, get_body, get_path_body, open_events};
+pub use http::{KeepAlive, connect_when_listening, get, get_body, get_path_body, open_events};
 pub use kept::Kept;
 pub use load::Load;
 pub use proc::{
-    assert_fds_settle, children_of, fd_count, is_alive, is_reaped, kill_processes_from,
-    namespace_pid, processes_from, rss_kib, send_signal, unreaped_children_of, zombies_of,
+    TcpSocket, assert_fds_settle, children_of, fd_count, holds_socket, is_alive, is_reaped,
+    kill_processes_from, namespace_pid, processes_from, rss_kib, send_signal, tcp_socket,
+    unreaped_children_of, zombies_of,
 };
 pub use server::{Launch, Server};
 pub use tools::tool;

@@ -1,5 +1,6 @@
 //! What `/proc` says of processes, and signals sent to them by pid.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -102,6 +103,63 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub fn namespace_pid(pid: u32) -> u32 {
     let pids = status_numbers(pid, "NSpid");
     u32::try_from(*pids.last().unwrap()).unwrap()
+}
+
+/// The socket of a TCP connection, as `/proc/net/tcp` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub inode: u64,
+    /// Bytes received and not read yet by whoever owns the socket.
+    pub rx_queue: u64,
+}
+
+/// The socket whose local address is `local` and whose peer is `remote`
+/// (the server's end of a client's connection: `local` the server's
+/// address, `remote` the client's), from `/proc/net/tcp` or `tcp6`.
+pub fn tcp_socket(local: SocketAddr, remote: SocketAddr) -> Option<TcpSocket> {
+    fn hex(addr: SocketAddr) -> String {
+        match addr {
+            SocketAddr::V4(v4) => format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+            SocketAddr::V6(v6) => {
+                let words: String = v6
+                    .ip()
+                    .octets()
+                    .chunks(4)
+                    .map(|w| format!("{:08X}", u32::from_le_bytes(w.try_into().unwrap())))
+                    .collect();
+                format!("{words}:{:04X}", v6.port())
+            }
+        }
+    }
+    let table = if local.is_ipv4() { "tcp" } else { "tcp6" };
+    let text = std::fs::read_to_string(format!("/proc/net/{table}")).unwrap();
+    let (local, remote) = (hex(local), hex(remote));
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(2) != Some(&remote.as_str()) {
+            return None;
+        }
+        let (_, rx) = fields.get(4)?.split_once(':')?;
+        Some(TcpSocket {
+            inode: fields.get(9)?.parse().ok()?,
+            rx_queue: u64::from_str_radix(rx, 16).ok()?,
+        })
+    })
+}
+
+/// Whether `pid` has the socket of inode `inode` open.
+pub fn holds_socket(pid: u32, inode: u64) -> bool {
+    let wanted = format!("socket:[{inode}]");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == wanted.as_str())
+    })
 }
 
 /// How many fds `pid` has open.
