@@ -19,13 +19,16 @@ use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::ExitStatus;
 
+use std::os::fd::AsFd;
+
+use tokio::io::Interest;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::error::Error;
-use crate::inherit::env::{LISTEN_PID, NOTIFY_SOCKET};
+use crate::inherit::env::{LISTEN_PID, NOTIFY_SOCKET, STABLE_PARENT_SOCKET};
 use crate::notify;
 use crate::signals::{self, Command};
-use crate::sys::process::{self, Process};
+use crate::sys::process::{self, Process, Sender};
 
 /// Starts the first generation under this process, and stays its parent
 /// and its successors' until none is left; then exits with the newest
@@ -196,17 +199,21 @@ async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<Exi
                     generations.shut_down(signal);
                 }
             }
-            received = socket.recv(&mut buf) => {
-                if let Ok(n) = received {
-                    message(&mut generations, &buf[..n]);
+            received = socket.async_io(Interest::READABLE, || {
+                process::recv_with_credentials(socket.as_fd(), &mut buf)
+            }) => {
+                if let Ok((n, sender)) = received {
+                    message(&mut generations, &buf[..n], sender);
                 }
             }
             _ = children.recv() => {
                 // A generation tells this process it is ready before it tells
                 // the previous one, whose exit comes after: every message
                 // sent before the exit that woke us is read first.
-                while let Ok(n) = socket.try_recv(&mut buf) {
-                    message(&mut generations, &buf[..n]);
+                while let Ok((n, sender)) = socket.try_io(Interest::READABLE, || {
+                    process::recv_with_credentials(socket.as_fd(), &mut buf)
+                }) {
+                    message(&mut generations, &buf[..n], sender);
                 }
                 if let Some(status) = generations.reap() {
                     log!(info, status = %status, "no generation left; exiting");
@@ -220,7 +227,25 @@ async fn keep(upgrade: Vec<SignalKind>, shutdown: Vec<SignalKind>) -> Result<Exi
 /// Handles one `sd_notify` message from a generation: learns a new ready
 /// one, and passes the states on to the supervisor above, if there is one
 /// (the pid it would see is this process's, so `MAINPID=` is dropped).
-fn message(generations: &mut Generations, message: &[u8]) {
+///
+/// Believed only from a generation: a process of this user (or root) that
+/// descends from this one, as the kernel says who sent it; and `READY=1`
+/// only with `MAINPID=` the sender's own pid. Anyone else who can reach
+/// the socket (it is an abstract address: any process in the network
+/// namespace can) is ignored.
+fn message(generations: &mut Generations, message: &[u8], sender: Option<Sender>) {
+    let ours = crate::sys::effective_uid();
+    let Some(sender) = sender.filter(|sender| {
+        (sender.uid == ours || sender.uid == 0)
+            && process::descends_from(sender.pid, std::process::id())
+    }) else {
+        log!(
+            warn,
+            ?sender,
+            "ignored a notify message from a process that is not one of this stable parent's generations"
+        );
+        return;
+    };
     let text = String::from_utf8_lossy(message);
     let mut ready = false;
     let mut main_pid = None;
@@ -236,8 +261,18 @@ fn message(generations: &mut Generations, message: &[u8]) {
             None => {}
         }
     }
-    if let (true, Some(pid)) = (ready, main_pid) {
-        generations.ready(pid);
+    match (ready, main_pid) {
+        (true, Some(pid)) if pid == sender.pid => generations.ready(pid),
+        (true, Some(pid)) => {
+            log!(
+                warn,
+                pid,
+                sender = sender.pid,
+                "ignored READY=1 for another process than its sender"
+            );
+            return;
+        }
+        _ => {}
     }
     if !upward.is_empty() {
         let _ = notify::sd_notify(&upward.join("\n"));
@@ -251,12 +286,14 @@ fn notify_socket() -> Result<(tokio::net::UnixDatagram, OsString), Error> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let name = format!("handover-stable-parent-{}-{nanos}", std::process::id());
+    let name = format!("{STABLE_PARENT_SOCKET}{}-{nanos}", std::process::id());
     let context = || format!("binding the stable parent's notify socket @{name}");
     let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
         .map_err(|e| Error::io(context(), e))?;
     let socket = std::os::unix::net::UnixDatagram::bind_addr(&address)
         .and_then(|s| {
+            // Each message says who sent it: see `message`.
+            process::pass_credentials(s.as_fd())?;
             s.set_nonblocking(true)?;
             tokio::net::UnixDatagram::from_std(s)
         })

@@ -417,3 +417,36 @@ async fn outside_a_container_a_stable_parent_is_not_kept() {
     .await
     .unwrap();
 }
+
+/// The stable parent believes only its generations: `READY=1` with
+/// `MAINPID=1` (the container's init) sent to its notify socket by another
+/// process (the test, from outside the container) is ignored, and the next
+/// upgrade signal still reaches the real generation.
+#[tokio::test]
+async fn a_stable_parent_ignores_notify_messages_from_other_processes() {
+    timeout(BOUND, async {
+        use std::os::linux::net::SocketAddrExt;
+        let mut kept = Kept::start("kept-forged", &["tini", "--"]).await;
+        let generation = kept.generation();
+        // Its address, from the generation's environment as it started.
+        let environ = std::fs::read(format!("/proc/{generation}/environ")).unwrap();
+        let socket = environ
+            .split(|&byte| byte == 0)
+            .find_map(|var| var.strip_prefix(b"NOTIFY_SOCKET=@"))
+            .expect("the generation was given the stable parent's socket")
+            .to_vec();
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(&socket).unwrap();
+        let forger = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        forger
+            .send_to_addr(b"READY=1\nMAINPID=1", &address)
+            .unwrap();
+        kept.server
+            .wait_log("ignored a notify message from a process that is not one of this stable parent's generations", 1)
+            .await;
+        let new = kept.restart().await;
+        assert_ne!(new, generation);
+        kept.stop().await;
+    })
+    .await
+    .unwrap();
+}

@@ -97,7 +97,7 @@ async fn malformed_environments_are_clear_errors_not_panics() {
         (
             "",
             &[("HANDOVER_GENERATION", "1x")],
-            "HANDOVER_GENERATION=\"1x\": not a generation number (2 or more)",
+            "HANDOVER_GENERATION=\"1x\": not a generation number (2 to 9223372036854775807)",
         ),
         (
             "",

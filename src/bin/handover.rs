@@ -114,9 +114,10 @@ fn parse(args: &[String]) -> Result<(String, String, Option<Duration>), String> 
             );
         } else if arg.starts_with('-') {
             let known = ["--timeout", "--help", "--version"];
-            let close = known
-                .iter()
-                .find(|k| arg.len() >= 4 && (k.starts_with(&arg[..4]) || arg.starts_with(&k[..4])));
+            let close = known.iter().find(|k| {
+                // `get`: byte 4 need not fall between two characters.
+                arg.get(..4).is_some_and(|start| k.starts_with(start)) || arg.starts_with(&k[..4])
+            });
             return Err(match close {
                 Some(k) => format!("unknown option {arg} (did you mean {k}?)"),
                 None => format!("unknown option {arg}"),

@@ -28,7 +28,7 @@ pub fn upgrade(path: impl AsRef<Path>, timeout: Duration) -> Result<Upgraded, Er
         pid: reply.number("pid")?,
         previous_pid: reply.number("previous_pid")?,
         generation: reply.number("generation")?,
-        took: Duration::from_secs_f64(reply.number::<f64>("took_ms")?.max(0.0) / 1e3),
+        took: duration_ms(&reply, "took_ms")?,
     })
 }
 
@@ -74,6 +74,10 @@ pub fn status(path: impl AsRef<Path>, timeout: Duration) -> Result<Status, Error
 fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply, Error> {
     let context = || format!("asking the server at {} to {command}", path.display());
     let mut stream = UnixStream::connect(path).map_err(|e| Error::io(context(), e))?;
+    // Believed only if the server runs as this user or as root: in a
+    // directory others can write, whoever binds the path while the server
+    // is down could answer `result=ok`.
+    trusted(&stream).map_err(|e| Error::io(context(), e))?;
     let timeout = timeout.max(Duration::from_millis(1));
     stream
         .set_read_timeout(Some(timeout))
@@ -110,6 +114,37 @@ fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply, Error
             message: reply.get("message").unwrap_or("").to_owned(),
         }),
     }
+}
+
+/// Checks that the process that bound the socket at the other end of
+/// `stream` runs as this process's user, or as root.
+fn trusted(stream: &UnixStream) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let ours = crate::sys::effective_uid();
+    let theirs = crate::sys::peer_uid(stream.as_fd())?;
+    if theirs == ours || theirs == 0 {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "the server runs as uid {theirs}, neither this user (uid {ours}) nor root: not believed"
+        ),
+    ))
+}
+
+/// The `key` of a reply, in milliseconds: a finite, non-negative number.
+fn duration_ms(reply: &Reply, key: &str) -> Result<Duration, Error> {
+    let ms: f64 = reply.number(key)?;
+    Duration::try_from_secs_f64(ms / 1e3).map_err(|_| {
+        Error::io(
+            "reading the control socket's reply",
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{key}={ms} is not a duration"),
+            ),
+        )
+    })
 }
 
 fn unix_time(seconds: f64) -> SystemTime {

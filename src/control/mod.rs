@@ -124,6 +124,36 @@ mod tests {
     use super::client::Reply;
     use super::server::Answer;
 
+    /// A server (or what answers at the path) that says `took_ms=inf`, or
+    /// another number that is no duration, gets an error, not a panic.
+    #[test]
+    fn an_answer_whose_numbers_are_not_durations_is_an_error() {
+        use std::io::{Read, Write};
+        let dir = std::env::temp_dir().join(format!("handover-took-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let answering = std::thread::spawn(move || {
+            for took in ["inf", "-5", "NaN", "1e400"] {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut request = [0u8; 8];
+                let _ = stream.read(&mut request).unwrap();
+                let answer =
+                    format!("result=ok\npid=2\nprevious_pid=1\ngeneration=2\ntook_ms={took}\n");
+                stream.write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        for took in ["inf", "-5", "NaN", "1e400"] {
+            let err = super::upgrade(&path, std::time::Duration::from_secs(10))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("took_ms="), "{took}: {err}");
+        }
+        answering.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn an_answer_is_lines_of_key_and_value_that_a_client_reads_back() {
         let mut answer = Answer::error("child_exited", "exited\nwith 1");

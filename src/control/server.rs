@@ -96,6 +96,7 @@ pub(crate) async fn serve(
     tasks: TaskTracker,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let busy = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let ours = crate::sys::effective_uid();
     let mut stop = pin!(stop);
     loop {
@@ -114,12 +115,19 @@ pub(crate) async fn serve(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Told why, as long as few are being told; past that, closed
+            // at once: a flood costs a bounded number of tasks.
+            let Ok(telling) = busy.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
             tasks.spawn(async move {
                 let answer = Answer::error(
                     "busy",
                     format!("{MAX_CONNECTIONS} control connections are open; try again"),
                 );
                 finish(stream, &answer).await;
+                drop(telling);
             });
             continue;
         };

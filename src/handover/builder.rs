@@ -66,6 +66,12 @@ impl Builder {
 
     /// Writes this process's pid to `path` (atomically) once it is ready,
     /// and removes it on the final shutdown if it still holds our pid.
+    ///
+    /// Put it in a directory only this user can write (`/run/<app>`,
+    /// `$XDG_RUNTIME_DIR`): in one anyone can write, such as `/tmp`,
+    /// another user who creates the file first owns it, and an operator's
+    /// `kill $(cat …)` then signals whatever they wrote there. Links and
+    /// FIFOs planted at its paths are never followed or waited on.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self
@@ -182,7 +188,9 @@ impl Builder {
     /// listener, so its path stays valid across upgrades. A socket file
     /// left by a server that is gone is replaced; one that a live server
     /// accepts on is an error ([`serve`](Handover::serve) fails with it).
-    /// Only a peer with this process's uid, or root, is answered.
+    /// Only a peer with this process's uid, or root, is answered, and the
+    /// mode is set before the socket exists at the path. Put it in a
+    /// directory only this user can write, as the pid file.
     pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.control_socket = Some(path.into());
         self

@@ -1,7 +1,6 @@
 //! What a generation listens to besides its HTTP listeners: the upgrade
 //! and shutdown signals, and the control socket.
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -52,10 +51,12 @@ impl Handover {
         let Some(path) = &self.inner.control_socket else {
             return Ok(());
         };
-        let listener = self.inner.listeners.unix(CONTROL_NAME, path)?;
-        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-            log!(warn, path = %path.display(), error = %e, "could not make the control socket 0600");
-        }
+        // 0600 from the moment it exists: no window for another user to
+        // connect, and no path for a swapped-in link to redirect a chmod.
+        let listener = self
+            .inner
+            .listeners
+            .unix_with_mode(CONTROL_NAME, path, Some(0o600))?;
         let upgrading = self.clone();
         let status = self.clone();
         let controls = Controls {

@@ -44,7 +44,7 @@ use state::{StateSource, take_snapshot};
 ///
 /// fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///     // Before the runtime starts: this reads and clears the environment.
-///     let handover = Handover::builder().pid_file("/tmp/app.pid").from_env()?;
+///     let handover = Handover::builder().pid_file("/run/app/app.pid").from_env()?;
 ///     tokio::runtime::Runtime::new()?.block_on(async {
 ///         let listener = handover.tcp("http", "127.0.0.1:3000")?;
 ///         let app = Router::new().route("/", get(|| async { "hello" }));
@@ -286,8 +286,12 @@ impl Handover {
     ///
     /// # Errors
     ///
-    /// The pid file could not be written, or the previous generation could
-    /// not be told. The other steps are still taken; serving goes on.
+    /// The signals could not be handled or the control socket could not be
+    /// had: then nobody is told, the previous generation keeps serving (and
+    /// kills this one at its ready timeout), and calling `ready` again
+    /// tries again. Or the pid file could not be written, or the previous
+    /// generation could not be told: the other steps are still taken, and
+    /// serving goes on.
     pub fn ready(&self) -> Result<(), Error> {
         if self.inner.ready.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -296,12 +300,16 @@ impl Handover {
         // Handle the upgrade and shutdown signals before anyone can learn
         // this process is ready (pid file, previous generation, systemd):
         // a SIGHUP sent the moment the pid file appears must upgrade, not
-        // meet the default disposition, which terminates the process.
+        // meet the default disposition, which terminates the process. If
+        // that fails (or the control socket cannot be had), nobody is told
+        // anything: the previous generation serves on, and kills this one
+        // at its ready timeout.
         if tokio::runtime::Handle::try_current().is_ok()
             && let Err(e) = self.start_signal_driver()
         {
-            log!(error, error = %e, "while becoming ready");
-            first_error = Some(e);
+            log!(error, error = %e, "cannot become ready; the previous generation serves on");
+            self.inner.ready.store(false, Ordering::SeqCst);
+            return Err(e);
         }
         let mut note = |result: Result<(), Error>| {
             if let Err(e) = result {

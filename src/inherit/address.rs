@@ -101,7 +101,14 @@ pub(super) fn same_socket_path(local: &Path, asked: &Path) -> bool {
     local == asked || FileId::of(local).is_some_and(|id| FileId::of(asked) == Some(id))
 }
 
-pub(super) fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+/// Binds a Unix listener at `path` (a stale socket file there, which no
+/// live process accepts on, is removed first). With `mode`, the socket file
+/// has that mode from its creation (see [`sys::fchmod`](crate::sys::fchmod);
+/// elsewhere than on Linux it is set just after).
+pub(super) fn bind_unix(
+    path: &Path,
+    mode: Option<u32>,
+) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -128,9 +135,17 @@ pub(super) fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let std = std::os::unix::net::UnixListener::bind(path)?;
-    std.set_nonblocking(true)?;
-    tokio::net::UnixListener::from_std(std)
+    let socket = tokio::net::UnixSocket::new_stream()?;
+    if let Some(mode) = mode {
+        crate::sys::fchmod(std::os::fd::AsFd::as_fd(&socket), mode)?;
+    }
+    socket.bind(path)?;
+    #[cfg(not(target_os = "linux"))]
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    socket.listen(BACKLOG)
 }
 
 #[cfg(test)]

@@ -34,9 +34,27 @@ pub(super) struct Adopted {
 }
 
 /// Checks and owns every fd `inheritance` names; the state file is read
-/// (at most `max_state` bytes).
+/// (at most `max_state` bytes). On an error, what was owned is closed and
+/// every other fd it names made close-on-exec.
 pub(super) fn adopt(inheritance: Inheritance, max_state: usize) -> Result<Adopted, Error> {
-    // The state first: an error below must not leave its fd behind.
+    let named: Vec<RawFd> = inheritance
+        .fds
+        .iter()
+        .map(|(fd, _)| *fd)
+        .chain(inheritance.ready_fd)
+        .chain(inheritance.state_fd)
+        .chain(inheritance.connections_fd)
+        .collect();
+    let adopted = adopt_all(inheritance, max_state);
+    if adopted.is_err() {
+        for fd in named {
+            sys::set_cloexec_raw(fd);
+        }
+    }
+    adopted
+}
+
+fn adopt_all(inheritance: Inheritance, max_state: usize) -> Result<Adopted, Error> {
     let previous_state = match inheritance.state_fd {
         None => None,
         Some(fd) => {
@@ -45,8 +63,9 @@ pub(super) fn adopt(inheritance: Inheritance, max_state: usize) -> Result<Adopte
                 name: HANDOVER_STATE_FD.into(),
                 reason,
             };
-            let file = sys::adopt(fd).map_err(|e| state_error(e.to_string()))?;
-            Some(sys::read_sealed(file, max_state as u64).map_err(state_error)?)
+            let (file, ()) = sys::adopt(fd, |fd| sys::check_sealed(fd, max_state as u64))
+                .map_err(state_error)?;
+            Some(sys::read_sealed(file).map_err(state_error)?)
         }
     };
     let connections = match inheritance.connections_fd {
@@ -60,9 +79,10 @@ pub(super) fn adopt(inheritance: Inheritance, max_state: usize) -> Result<Adopte
             name: name.clone(),
             reason,
         };
-        let socket = sys::adopt(fd).map_err(|e| fd_error(e.to_string()))?;
-        let family =
-            sys::listening_stream_socket(socket.as_fd()).map_err(|e| fd_error(e.to_string()))?;
+        let (socket, family) = sys::adopt(fd, |fd| {
+            sys::listening_stream_socket(fd).map_err(|e| e.to_string())
+        })
+        .map_err(fd_error)?;
         sys::set_cloexec(socket.as_fd())
             .map_err(|e| fd_error(format!("cannot set FD_CLOEXEC: {e}")))?;
         if inherited.iter().any(|i: &Inherited| i.name == name) && name != "unknown" {
@@ -105,16 +125,12 @@ fn connections_channel(fd: RawFd) -> Result<OwnedFd, Error> {
         name: HANDOVER_CONNECTIONS_FD.into(),
         reason,
     };
-    let channel = sys::adopt(fd).map_err(|e| fd_error(e.to_string()))?;
-    match sys::is_seqpacket(channel.as_fd()) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(fd_error(
-                "it is not a SOCK_SEQPACKET Unix socket".to_owned(),
-            ));
-        }
-        Err(e) => return Err(fd_error(format!("it could not be inspected: {e}"))),
-    }
+    let (channel, ()) = sys::adopt(fd, |fd| match sys::is_seqpacket(fd) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("it is not a SOCK_SEQPACKET Unix socket".to_owned()),
+        Err(e) => Err(format!("it could not be inspected: {e}")),
+    })
+    .map_err(fd_error)?;
     sys::set_cloexec(channel.as_fd())
         .and_then(|()| sys::set_nonblocking(channel.as_fd()))
         .map_err(|e| fd_error(format!("cannot set FD_CLOEXEC and O_NONBLOCK: {e}")))?;
@@ -129,14 +145,76 @@ fn ready_channel(fd: RawFd) -> Result<File, Error> {
         name: HANDOVER_READY_FD.into(),
         reason,
     };
-    let channel = sys::adopt(fd).map_err(|e| fd_error(e.to_string()))?;
-    let kind = sys::is_socket(channel.as_fd())
-        .and_then(|socket| Ok(socket || sys::is_pipe(channel.as_fd())?));
-    match kind {
-        Ok(true) => {}
-        Ok(false) => return Err(fd_error("it is not a socket or a pipe".to_owned())),
-        Err(e) => return Err(fd_error(format!("it could not be inspected: {e}"))),
-    }
+    let (channel, ()) = sys::adopt(fd, |fd| {
+        match sys::is_socket(fd).and_then(|socket| Ok(socket || sys::is_pipe(fd)?)) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("it is not a socket or a pipe".to_owned()),
+            Err(e) => Err(format!("it could not be inspected: {e}")),
+        }
+    })
+    .map_err(fd_error)?;
     let _ = sys::set_cloexec(channel.as_fd());
     Ok(File::from(channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn inheritance(fds: Vec<(RawFd, &str)>) -> Inheritance {
+        Inheritance {
+            fds: fds
+                .into_iter()
+                .map(|(fd, name)| (fd, name.to_owned()))
+                .collect(),
+            bound: Vec::new(),
+            ready_fd: None,
+            generation: 1,
+            state_fd: None,
+            connections_fd: None,
+        }
+    }
+
+    /// A number in the environment that names an fd this process opened
+    /// for something else (a pipe, here) is refused, and the fd is left
+    /// open, not closed under its owner.
+    #[test]
+    fn a_wrong_fd_number_is_refused_without_closing_the_fd_it_names() {
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let fd = reader.as_raw_fd();
+        for wrong in [
+            Inheritance {
+                state_fd: Some(fd),
+                ..inheritance(Vec::new())
+            },
+            Inheritance {
+                connections_fd: Some(fd),
+                ..inheritance(Vec::new())
+            },
+            inheritance(vec![(fd, "http")]),
+        ] {
+            let err = adopt(wrong, 1024).err().expect("refused").to_string();
+            assert!(err.contains(&format!("fd {fd}")), "{err}");
+            assert!(sys::is_open(fd), "still open after: {err}");
+        }
+        drop(reader);
+    }
+
+    /// After an error, an inherited fd not reached yet does not leak into
+    /// the application's children: it is made close-on-exec.
+    #[test]
+    fn fds_left_after_an_error_are_made_close_on_exec() {
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        sys::clear_cloexec(listener.as_fd());
+        assert!(!sys::has_cloexec(listener.as_raw_fd()));
+        let wrong = inheritance(vec![
+            (reader.as_raw_fd(), "http"),
+            (listener.as_raw_fd(), "admin"),
+        ]);
+        assert!(adopt(wrong, 1024).is_err());
+        assert!(sys::is_open(listener.as_raw_fd()));
+        assert!(sys::has_cloexec(listener.as_raw_fd()));
+    }
 }

@@ -18,7 +18,10 @@
 //!
 //! [`Listeners::from_env`](crate::Listeners::from_env) reads them once and
 //! removes them from the environment, so that the application's own
-//! children do not see them. [`NOTIFY_SOCKET`] is systemd's, and stays.
+//! children do not see them. [`NOTIFY_SOCKET`] is systemd's, and stays
+//! (the application may notify systemd itself); a stable parent's is
+//! removed too, so that no child of the application can speak for a
+//! generation, and handed to each next generation.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -56,6 +59,28 @@ pub const HANDOVER_CONNECTIONS_FD: &str = "HANDOVER_CONNECTIONS_FD";
 /// systemd's notification socket (or a stable parent's): where `READY=1`
 /// and the other states go.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
+/// What a stable parent's notify socket is called: `@` (an abstract
+/// address), then this, its pid and a number.
+pub(crate) const STABLE_PARENT_SOCKET: &str = "handover-stable-parent-";
+
+/// The notify socket this process was given, systemd's or a stable
+/// parent's: as the environment had it when first asked, which [`take`]
+/// does before it removes a stable parent's.
+pub(crate) fn notify_socket() -> Option<&'static std::ffi::OsStr> {
+    static SOCKET: std::sync::OnceLock<Option<OsString>> = std::sync::OnceLock::new();
+    SOCKET
+        .get_or_init(|| std::env::var_os(NOTIFY_SOCKET))
+        .as_deref()
+}
+
+/// Whether `socket` is a stable parent's notify socket.
+fn is_stable_parents(socket: &std::ffi::OsStr) -> bool {
+    socket
+        .as_encoded_bytes()
+        .strip_prefix(b"@")
+        .is_some_and(|name| name.starts_with(STABLE_PARENT_SOCKET.as_bytes()))
+}
 
 /// Every variable of the inheritance protocol: removed from the environment
 /// once read, and never passed on as they were to the next generation.
@@ -121,6 +146,9 @@ pub(crate) fn take() -> Found {
         .collect();
     for var in INHERITANCE_VARS {
         sys::remove_env(var);
+    }
+    if notify_socket().is_some_and(is_stable_parents) {
+        sys::remove_env(NOTIFY_SOCKET);
     }
     Found { values }
 }
@@ -290,18 +318,22 @@ fn parse_listeners(
     })
 }
 
+/// The highest generation number: one more always fits in a `u64`.
+pub(crate) const MAX_GENERATION: u64 = u64::MAX / 2;
+
 /// Parses `HANDOVER_GENERATION`: absent, 1 (a first generation); else a
-/// number from 2 on, which only a previous generation sets.
+/// number from 2 to [`MAX_GENERATION`], which only a previous generation
+/// sets.
 fn parse_generation(value: Option<&str>) -> Result<u64, Error> {
     let Some(value) = value else {
         return Ok(1);
     };
     match value.trim().parse::<u64>() {
-        Ok(n) if n >= 2 => Ok(n),
+        Ok(n) if (2..=MAX_GENERATION).contains(&n) => Ok(n),
         _ => Err(env_error(
             HANDOVER_GENERATION,
             value,
-            "not a generation number (2 or more)",
+            format!("not a generation number (2 to {MAX_GENERATION})"),
         )),
     }
 }
@@ -396,6 +428,15 @@ pub(crate) fn for_next_generation(
         vars.push((HANDOVER_CONNECTIONS_FD, next.to_string()));
     }
     vars
+}
+
+/// This process's environment, as the next generation starts from it:
+/// with the notify socket this process was given, which a stable parent's
+/// no longer is in.
+pub(crate) fn process_env() -> impl Iterator<Item = (OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(key, _)| key != NOTIFY_SOCKET)
+        .chain(notify_socket().map(|socket| (NOTIFY_SOCKET.into(), socket.to_owned())))
 }
 
 /// This process's environment without the inheritance variables it may
@@ -598,6 +639,23 @@ mod tests {
         let vars = for_next_generation(&passed, 9, alongside);
         assert!(vars.contains(&(HANDOVER_CONNECTIONS_FD, "6".to_owned())));
         assert!(!vars.iter().any(|(key, _)| *key == HANDOVER_STATE_FD));
+    }
+
+    #[test]
+    fn a_generation_number_is_bounded_so_the_next_one_fits() {
+        let parsed = |value: &str| parse_generation(Some(value));
+        assert_eq!(parsed(&MAX_GENERATION.to_string()).unwrap(), MAX_GENERATION);
+        assert!(MAX_GENERATION.checked_add(1).is_some());
+        for bad in [
+            "18446744073709551615",
+            &(MAX_GENERATION + 1).to_string(),
+            "1",
+            "0",
+            "-2",
+        ] {
+            let err = parsed(bad).unwrap_err().to_string();
+            assert!(err.starts_with("HANDOVER_GENERATION="), "{bad}: {err}");
+        }
     }
 
     #[test]

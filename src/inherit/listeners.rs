@@ -324,9 +324,19 @@ impl Listeners {
         name: &str,
         path: impl AsRef<Path>,
     ) -> Result<tokio::net::UnixListener, Error> {
-        let path = path.as_ref();
+        self.unix_with_mode(name, path.as_ref(), None)
+    }
+
+    /// [`unix`](Self::unix), a socket bound here having `mode` from its
+    /// creation (the control socket's 0600).
+    pub(crate) fn unix_with_mode(
+        &self,
+        name: &str,
+        path: &Path,
+        mode: Option<u32>,
+    ) -> Result<tokio::net::UnixListener, Error> {
         let bind = || {
-            bind_unix(path).map_err(|e| {
+            bind_unix(path, mode).map_err(|e| {
                 Error::io(
                     format!(
                         "binding listener {name:?} at {} (inherited: {})",

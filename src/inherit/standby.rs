@@ -99,12 +99,12 @@ pub(crate) fn wait_for_upgrade(value: &str) -> Result<Inheritance, Error> {
         .trim()
         .parse()
         .map_err(|_| env_error("not an fd number".into()))?;
-    let socket = sys::adopt(fd).map_err(|e| env_error(e.to_string()))?;
-    match sys::is_socket(socket.as_fd()) {
-        Ok(true) => {}
-        Ok(false) => return Err(env_error("it is not a socket".into())),
-        Err(e) => return Err(env_error(format!("it could not be inspected: {e}"))),
-    }
+    let (socket, ()) = sys::adopt(fd, |fd| match sys::is_socket(fd) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("it is not a socket".into()),
+        Err(e) => Err(format!("it could not be inspected: {e}")),
+    })
+    .map_err(env_error)?;
     let _ = sys::set_cloexec(socket.as_fd());
     // The socket stays open until everything has arrived, so no fd received
     // gets its number, which `sys::adopt` has seen already.

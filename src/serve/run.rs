@@ -88,9 +88,11 @@ where
         handshake_timeout: options.handshake_timeout,
         tcp_nodelay: options.tcp_nodelay,
     });
-    // With metrics, the gauges of what is open, once a second.
+    // With metrics, the gauges of what is open: once before the first
+    // connection (a scrape never finds them missing), then once a second.
     #[cfg(feature = "metrics")]
     let gauges = {
+        sample_gauges(&graceful);
         let graceful = graceful.clone();
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));

@@ -70,23 +70,51 @@ pub(crate) fn is_open(fd: RawFd) -> bool {
 }
 
 /// Takes ownership of `fd`, which the environment says was passed to us,
-/// after checking that it is open and was not adopted before.
-pub(crate) fn adopt(fd: RawFd) -> Result<OwnedFd, NotListener> {
+/// once it is open, was not adopted before, and `check` (given it only
+/// borrowed) has found it to be what it should be. An fd that fails is
+/// neither owned nor closed: a wrong number in the environment may name an
+/// fd this process opened for something else.
+pub(crate) fn adopt<T>(
+    fd: RawFd,
+    check: impl FnOnce(BorrowedFd<'_>) -> Result<T, String>,
+) -> Result<(OwnedFd, T), String> {
     if fd < 0 || !is_open(fd) {
-        return Err(NotListener::Closed);
+        return Err(NotListener::Closed.to_string());
     }
     let mut adopted = crate::lock::lock(&ADOPTED);
     if adopted.contains(&fd) {
-        return Err(NotListener::Io(io::Error::other(
-            "it was already taken from the environment",
-        )));
+        return Err("it was already taken from the environment".into());
     }
+    // SAFETY: `fd` is open (checked above) and stays open while borrowed:
+    // the borrow ends with `check`, within this call, which runs early in
+    // `main` by `from_env`'s contract, before the application has threads
+    // that could close it.
+    let checked = check(unsafe { BorrowedFd::borrow_raw(fd) })?;
     adopted.push(fd);
-    // SAFETY: `fd` is open (checked above), nothing in this process owns it:
-    // it was passed across `exec` by the contract of LISTEN_FDS or
-    // HANDOVER_READY_FD, whose variables are read once and then removed, and
-    // the ADOPTED list makes sure no second `OwnedFd` is made for it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    // SAFETY: `fd` is open, nothing in this process owns it: it was passed
+    // across `exec` by the contract of the variables that name it, which
+    // are read once and then removed, it is what they say it is (checked
+    // above), and the ADOPTED list makes sure no second `OwnedFd` is made
+    // for it.
+    Ok((unsafe { OwnedFd::from_raw_fd(fd) }, checked))
+}
+
+/// Sets `FD_CLOEXEC` on the fd numbered `fd`, if it is open: what the
+/// environment passed and was not taken, after an error, so that it does
+/// not leak into the application's children.
+pub(crate) fn set_cloexec_raw(fd: RawFd) {
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor flags of
+    // the fd numbered `fd`; on a number that is not open they fail with
+    // EBADF and touch nothing.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags != -1 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
 }
 
 fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
@@ -248,11 +276,14 @@ pub(crate) const MAX_PASSED_FDS: usize = 64;
 /// Removes an inheritance variable from the environment, so that the
 /// application's own children do not see it.
 pub(crate) fn remove_env(name: &str) {
-    // SAFETY: `remove_var` is unsound only while another thread reads or
-    // writes the environment. It is called from `Listeners::from_env`,
-    // whose documented contract is to run early in `main`, before the
-    // application starts threads that use the environment (a Tokio
-    // runtime's idle workers do not).
+    // SAFETY: `remove_var` is unsound while another thread reads or writes
+    // the environment, and this crate cannot prove that none does: it is
+    // reached from `Listeners::from_env` and `Builder::from_env`, safe
+    // functions whose documentation requires that they run early in
+    // `main`, before the application starts threads that use the
+    // environment (a Tokio runtime's idle workers do not). A program that
+    // breaks that requirement has a data race on the environment, as with
+    // any other call of `remove_var` or `set_var` in such a program.
     unsafe { std::env::remove_var(name) }
 }
 
@@ -270,6 +301,55 @@ pub(crate) fn monotonic_usec() -> u64 {
         return 0;
     }
     (now.tv_sec as u64) * 1_000_000 + (now.tv_nsec as u64) / 1_000
+}
+
+/// Sets the mode of the socket `fd` before it is bound: on Linux the file
+/// `bind` makes has that mode (less the umask) from its creation, so there
+/// is no moment when others may connect, and no path to follow.
+pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    // SAFETY: `fchmod` changes the mode of an fd that `BorrowedFd`
+    // guarantees is open; it touches no memory of ours.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The uid of the process at the other end of the connected Unix socket
+/// `fd`, as the kernel recorded it when the connection was made.
+pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: an all-zero `ucred` is a valid value of this plain C
+        // struct.
+        let mut cred: libc::ucred = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes, and `len` holds
+        // the size of `cred`; the kernel writes at most that.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cred.uid)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let (mut uid, mut gid): (libc::uid_t, libc::gid_t) = (0, 0);
+        // SAFETY: `getpeereid` writes one uid and one gid to the pointers,
+        // which point at live, writable values.
+        if unsafe { libc::getpeereid(fd.as_raw_fd(), &mut uid, &mut gid) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(uid)
+    }
 }
 
 /// This process's effective uid: who may use its control socket.
@@ -322,9 +402,14 @@ pub(crate) fn sealed_file(bytes: &[u8]) -> io::Result<OwnedFd> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         ));
+        use std::os::unix::fs::OpenOptionsExt;
+        // 0600 from its creation: nobody else can open it before it is
+        // unlinked (TLS ticket keys go through it).
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
         let read = std::fs::File::open(&path);
         let _ = std::fs::remove_file(&path);
@@ -333,14 +418,14 @@ pub(crate) fn sealed_file(bytes: &[u8]) -> io::Result<OwnedFd> {
     }
 }
 
-/// The contents of a file made by [`sealed_file`], at most `limit` bytes.
-/// On Linux it must be sealed as `sealed_file` seals it, so that what is
-/// read is what the previous generation wrote, whole.
-pub(crate) fn read_sealed(fd: OwnedFd, limit: u64) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::FileExt;
+/// Checks that `fd` is a file made by [`sealed_file`] of at most `limit`
+/// bytes: on Linux it must be sealed as `sealed_file` seals it, so that
+/// what is read is what the previous generation wrote, whole.
+pub(crate) fn check_sealed(fd: BorrowedFd<'_>, limit: u64) -> Result<(), String> {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: F_GET_SEALS only reads the seals of an fd we own.
+        // SAFETY: F_GET_SEALS only reads the seals of an fd that
+        // `BorrowedFd` guarantees is open.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
         if seals == -1 {
             return Err(format!(
@@ -352,21 +437,64 @@ pub(crate) fn read_sealed(fd: OwnedFd, limit: u64) -> Result<Vec<u8>, String> {
             return Err("its memfd is not sealed against writes and resizing".into());
         }
     }
-    let file = std::fs::File::from(fd);
-    let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { mem::zeroed() };
+    // SAFETY: `st` is valid for writes of one `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
+        return Err(io::Error::last_os_error().to_string());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err("it is not a file".into());
     }
-    if meta.len() > limit {
+    if st.st_size as u64 > limit {
         return Err(format!(
             "it holds {} bytes, more than the limit of {limit}",
-            meta.len()
+            st.st_size
         ));
     }
+    Ok(())
+}
+
+/// The contents of a file that [`check_sealed`] has checked.
+pub(crate) fn read_sealed(fd: OwnedFd) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| e.to_string())?;
     let mut bytes = vec![0; meta.len() as usize];
     file.read_exact_at(&mut bytes, 0)
         .map_err(|e| format!("reading it: {e}"))?;
     Ok(bytes)
+}
+
+/// Whether the fd numbered `fd` is open with `FD_CLOEXEC` (tests).
+#[cfg(test)]
+pub(crate) fn has_cloexec(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor flags; EBADF otherwise.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags != -1 && flags & libc::FD_CLOEXEC != 0
+}
+
+/// Clears `FD_CLOEXEC` on `fd`, as an fd passed across `exec` has it
+/// (tests).
+#[cfg(test)]
+pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) {
+    // SAFETY: F_SETFD only writes the descriptor flags of an fd that
+    // `BorrowedFd` guarantees is open.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0);
+    }
+}
+
+/// Makes a FIFO at `path` (for tests that plant one).
+#[cfg(test)]
+pub(crate) fn make_fifo(path: &std::path::Path) -> io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: `mkfifo` reads the NUL-terminated string `path` owns, which
+    // outlives the call.
+    if unsafe { libc::mkfifo(path.as_ptr(), 0o600) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A file's identity: its device and inode numbers.

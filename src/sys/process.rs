@@ -4,7 +4,7 @@
 //! grandchildren are handed to when their parent exits.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
@@ -77,6 +77,132 @@ pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(io::Error::other)?;
     // SAFETY: `fd` was just opened for us and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Who sent a datagram, as the kernel says (`SCM_CREDENTIALS`): the pid
+/// is `0` for a sender in a pid namespace this process cannot see into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sender {
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+}
+
+/// Has every datagram received on the Unix socket `fd` carry its
+/// sender's credentials (`SO_PASSCRED`).
+pub(crate) fn pass_credentials(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid `c_int` for the call, whose size is given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one datagram into `buf` without blocking (`WouldBlock` when
+/// none is there), with its sender's credentials if the socket passes them
+/// (see [`pass_credentials`]). Fds sent with it are closed.
+pub(crate) fn recv_with_credentials(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<Sender>)> {
+    #[repr(C)]
+    struct Control {
+        _align: [libc::cmsghdr; 0],
+        bytes: [u8; 256],
+    }
+    let mut control = Control {
+        _align: [],
+        bytes: [0; 256],
+    };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero `msghdr` is a valid value (null pointers, zero
+    // lengths); the fields that matter are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.bytes.as_mut_ptr().cast();
+    msg.msg_controllen = control.bytes.len() as _;
+    // SAFETY: `msg` points at `iov` (valid for writes of `buf.len()` bytes)
+    // and at `control` (256 aligned bytes), both alive for the call.
+    let read = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if read < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut sender = None;
+    // SAFETY: the kernel filled `msg_control` with `msg_controllen` bytes of
+    // control messages; CMSG_FIRSTHDR/CMSG_NXTHDR walk them within that
+    // length. An SCM_CREDENTIALS message holds one `ucred`; an SCM_RIGHTS
+    // one holds fds new in this process, owned by nothing else yet.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&msg);
+        while !header.is_null() {
+            let data = libc::CMSG_DATA(header);
+            let length = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+            match ((*header).cmsg_level, (*header).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
+                    if length >= std::mem::size_of::<libc::ucred>() =>
+                {
+                    let cred = data.cast::<libc::ucred>().read_unaligned();
+                    sender = Some(Sender {
+                        pid: cred.pid as u32,
+                        uid: cred.uid,
+                    });
+                }
+                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                    for i in 0..length / std::mem::size_of::<libc::c_int>() {
+                        let fd = data.cast::<libc::c_int>().add(i).read_unaligned();
+                        drop(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+                _ => {}
+            }
+            header = libc::CMSG_NXTHDR(&msg, header);
+        }
+    }
+    Ok((read as usize, sender))
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name, in parentheses, may hold spaces and parentheses: what
+    // follows the last `)` is `state ppid …`.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+pub(crate) fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut current = pid;
+    // A chain longer than this is not one of ours.
+    for _ in 0..64 {
+        if current == ancestor {
+            return true;
+        }
+        match parent_of(current) {
+            Some(parent) if parent != 0 && parent != current => current = parent,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Reaps one child that has exited, without blocking: `Ok(None)` when none

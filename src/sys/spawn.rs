@@ -37,6 +37,11 @@ pub(crate) struct Child {
     /// signals a pid that was reaped (and may have been reused).
     reaped: Arc<Mutex<Option<ExitStatus>>>,
     exited: watch::Receiver<Option<ExitStatus>>,
+    /// A pidfd for it (Linux), opened as it started: `kill` goes through
+    /// it, so it reaches this child even if the application reaped it
+    /// (`waitpid(-1)`, `SIGCHLD` ignored) and its pid has been reused.
+    #[cfg(target_os = "linux")]
+    process: Option<super::process::Process>,
     #[cfg_attr(
         not(test),
         allow(dead_code, reason = "shown by Debug, checked by tests")
@@ -80,6 +85,14 @@ impl Child {
 
     /// Sends `SIGKILL`, unless the child has been reaped already.
     pub(crate) fn kill(&self) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(process) = &self.process {
+            return match process.signal(libc::SIGKILL) {
+                // Gone and reaped (by us or by the application).
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                sent => sent,
+            };
+        }
         kill_unreaped(self.pid, &self.reaped)
     }
 }
@@ -160,23 +173,25 @@ struct SpawnSetup {
 }
 
 impl SpawnSetup {
+    /// Initialised where they stay: in the box, which is never moved out
+    /// of (some C libraries keep pointers into the objects).
     fn new() -> io::Result<Box<Self>> {
-        let mut actions = MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
-        let mut attr = MaybeUninit::<libc::posix_spawnattr_t>::uninit();
-        // SAFETY: the `_init` functions initialise the objects they are
-        // given; each is used (and destroyed) only if its init succeeded.
+        let mut setup = Box::new(MaybeUninit::<Self>::uninit());
+        let place = setup.as_mut_ptr();
+        // SAFETY: `place` points at the box's uninitialised `Self`, whose
+        // fields `addr_of_mut!` reaches without reading them; the `_init`
+        // functions initialise the objects they are given, each destroyed
+        // only if its init succeeded. The box is turned into a `Box<Self>`
+        // only once both are initialised, which is all of `Self`.
         unsafe {
-            check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
-            if let Err(e) = check(libc::posix_spawnattr_init(attr.as_mut_ptr())) {
-                libc::posix_spawn_file_actions_destroy(actions.as_mut_ptr());
+            let actions = std::ptr::addr_of_mut!((*place).actions);
+            let attr = std::ptr::addr_of_mut!((*place).attr);
+            check(libc::posix_spawn_file_actions_init(actions))?;
+            if let Err(e) = check(libc::posix_spawnattr_init(attr)) {
+                libc::posix_spawn_file_actions_destroy(actions);
                 return Err(e);
             }
-            // Boxed: the objects are not moved after initialisation (some
-            // C libraries keep pointers into them).
-            Ok(Box::new(Self {
-                actions: actions.assume_init(),
-                attr: attr.assume_init(),
-            }))
+            Ok(Box::from_raw(Box::into_raw(setup).cast::<Self>()))
         }
     }
 }
@@ -307,6 +322,9 @@ pub(crate) fn spawn(
     #[cfg(target_os = "linux")]
     std::thread::yield_now();
 
+    // At once, before anything could reap it: the pid names our child.
+    #[cfg(target_os = "linux")]
+    let process = super::process::Process::open(pid as u32).ok();
     let reaped = Arc::new(Mutex::new(None));
     let (tell, exited) = watch::channel(None);
     match start_reaper(pid, reaped.clone(), tell) {
@@ -314,6 +332,8 @@ pub(crate) fn spawn(
             pid,
             reaped,
             exited,
+            #[cfg(target_os = "linux")]
+            process,
             reaper,
         }),
         Err(e) => {

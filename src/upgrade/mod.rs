@@ -309,7 +309,7 @@ impl Upgrader {
             ),
             None => (
                 Vec::new(),
-                env::child_env(std::env::vars_os(), &listed, generation, alongside),
+                env::child_env(env::process_env(), &listed, generation, alongside),
             ),
         };
         let mut fds: Vec<OwnedFd> = passed.into_iter().map(|(_, fd, _)| fd).collect();

@@ -67,7 +67,7 @@ impl Upgrader {
         self.check_binary()?;
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| Error::io("creating the standby's socket", e))?;
-        let env = env::standby_env(std::env::vars_os());
+        let env = env::standby_env(env::process_env());
         let (dir, dir_id) = self.child_dir_and_id();
         let exe = FileId::of(&self.exe);
         let child = sys::spawn::spawn(&self.exe, &self.args, dir, &env, &[theirs.as_fd()])
