@@ -689,7 +689,7 @@ async fn every_command_line_answers_help_and_version_and_refuses_unknown_flags()
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
-    let examples: [(&str, &[&str]); 8] = [
+    let examples: [(&str, &[&str]); 9] = [
         (
             "hello",
             &[
@@ -704,6 +704,8 @@ async fn every_command_line_answers_help_and_version_and_refuses_unknown_flags()
                 "--stable-parent",
                 "--standby",
                 "--control-socket",
+                "--idle-grace",
+                "--hand-over-connections",
             ],
         ),
         (
@@ -736,6 +738,18 @@ async fn every_command_line_answers_help_and_version_and_refuses_unknown_flags()
             ],
         ),
         ("ws_bench", &["--connections", "--close-grace", "--hello"]),
+        (
+            "moves_bench",
+            &[
+                "--clients",
+                "--idle-ms",
+                "--seconds",
+                "--every-ms",
+                "--rounds",
+                "--idle",
+                "--hello",
+            ],
+        ),
         ("goaway_race", &["--seconds", "--every-ms", "--server"]),
         ("tls_resume_bench", &["--clients", "--rounds", "--axum"]),
     ];
@@ -772,9 +786,13 @@ async fn every_command_line_answers_help_and_version_and_refuses_unknown_flags()
         (code, version.trim()),
         (Some(0), concat!("handover ", env!("CARGO_PKG_VERSION")))
     );
-    let (code, _, error) = run(tool, &["status", "/nowhere", "--timout", "1"]).await;
+    let (code, _, error) = run(tool.clone(), &["status", "/nowhere", "--timout", "1"]).await;
     assert_eq!(code, Some(2), "{error}");
     assert!(error.contains("did you mean --timeout?"), "{error}");
+    // A character of two bytes across the fourth: an error, not a panic.
+    let (code, _, error) = run(tool, &["status", "/nowhere", "--tïmeout"]).await;
+    assert_eq!(code, Some(2), "{error}");
+    assert!(error.contains("unknown option --tïmeout"), "{error}");
 }
 
 /// The TLS resumption benchmark, run end to end on the debug build: with
