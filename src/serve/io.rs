@@ -162,30 +162,28 @@ impl<I: AsyncRead + Unpin> ConnIo<I> {
     /// which protocol the peer speaks: HTTP/2 with prior knowledge sends
     /// its 24-byte preface first, anything else is HTTP/1 (as soon as a byte
     /// differs, or at end of file).
+    ///
+    /// Cancel safe: each read is kept in the prefix as soon as it is made,
+    /// so dropping the future while it waits for more (the serve loop does
+    /// when the drain starts) loses nothing.
     pub(super) async fn read_version(&mut self) -> io::Result<Version> {
-        let mut seen = BytesMut::from(&self.prefix[..]);
-        let version = loop {
-            let len = seen.len().min(H2_PREFACE.len());
-            if seen[..len] != H2_PREFACE[..len] {
-                break Version::H1;
+        loop {
+            let len = self.prefix.len().min(H2_PREFACE.len());
+            if self.prefix[..len] != H2_PREFACE[..len] {
+                return Ok(Version::H1);
             }
             if len == H2_PREFACE.len() {
-                break Version::H2;
+                return Ok(Version::H2);
             }
-            seen.reserve(H2_PREFACE.len() - len);
-            let read =
-                tokio::io::AsyncReadExt::read_buf(&mut Pin::new(&mut self.inner), &mut seen).await;
-            match read {
-                Ok(0) => break Version::H1,
-                Ok(_) => {}
-                Err(e) => {
-                    self.prefix = seen.freeze();
-                    return Err(e);
-                }
+            let mut seen = BytesMut::with_capacity(H2_PREFACE.len());
+            seen.extend_from_slice(&self.prefix);
+            let read = tokio::io::AsyncReadExt::read_buf(&mut Pin::new(&mut self.inner), &mut seen)
+                .await?;
+            self.prefix = seen.freeze();
+            if read == 0 {
+                return Ok(Version::H1);
             }
-        };
-        self.prefix = seen.freeze();
-        Ok(version)
+        }
     }
 }
 
@@ -285,6 +283,26 @@ mod tests {
             "bytes pass through unchanged"
         );
         version
+    }
+
+    /// The serve loop drops the sniffing future when the drain starts, and
+    /// sniffs again: what it had read by then is still read first.
+    #[tokio::test]
+    async fn sniffing_again_after_a_drop_loses_no_byte() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(server, Arc::new(ConnState::default()), Bytes::new());
+        client.write_all(b"P").await.unwrap();
+        {
+            let sniffing = std::pin::pin!(io.read_version());
+            // Reads the "P" (the preface's first byte too), then waits.
+            assert!(futures_util::poll!(sniffing).is_pending());
+        }
+        client.write_all(b"OST / HTTP/1.1\r\n").await.unwrap();
+        drop(client);
+        assert_eq!(io.read_version().await.unwrap(), Version::H1);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"POST / HTTP/1.1\r\n");
     }
 
     #[tokio::test]
