@@ -146,13 +146,14 @@ async fn send(channel: UnixDatagram, mut from: mpsc::UnboundedReceiver<Out>) {
             continue;
         };
         let (unread, learned) = (&first.moved.unread, &first.moved.learned);
-        if !message::fits_alone(&first.name, unread, learned) {
+        let id = next_id;
+        let mut batch = Batch::new(id);
+        // Too big for a message of its own: drained here.
+        if !batch.has_room(&first.name, unread, learned) {
             refuse(vec![first]);
             continue;
         }
-        let id = next_id;
         next_id += 1;
-        let mut batch = Batch::new(id);
         batch.push(&first.name, unread, learned);
         let mut outs = vec![first];
         while let Ok(out) = from.try_recv() {

@@ -44,13 +44,8 @@ pub(crate) struct Entry {
 }
 
 /// How many bytes of a batch one connection takes.
-pub(crate) fn entry_size(name: &str, unread: &[u8], learned: &[u8]) -> usize {
+fn entry_size(name: &str, unread: &[u8], learned: &[u8]) -> usize {
     2 + name.len() + 4 + unread.len() + 4 + learned.len()
-}
-
-/// Whether a connection fits in a batch at all (with nothing else in it).
-pub(crate) fn fits_alone(name: &str, unread: &[u8], learned: &[u8]) -> bool {
-    name.len() <= usize::from(u16::MAX) && HEADER + entry_size(name, unread, learned) <= MAX_MESSAGE
 }
 
 /// A batch's message, and how full it is.
@@ -256,8 +251,9 @@ mod tests {
         batch.push("http", &big, b"");
         assert!(!batch.has_room("http", &big, b""));
         assert!(batch.has_room("http", b"", b""));
-        assert!(fits_alone("http", &big, b""));
-        assert!(!fits_alone("http", &vec![0; MAX_MESSAGE], b""));
+        // Alone in a batch of its own, or not at all.
+        assert!(Batch::new(3).has_room("http", &big, b""));
+        assert!(!Batch::new(3).has_room("http", &vec![0; MAX_MESSAGE], b""));
     }
 
     proptest::proptest! {

@@ -448,7 +448,7 @@ impl Listeners {
             .active
             .iter()
             .find(|active| FileId::of_fd(active.socket.as_fd()).ok() == Some(id))?;
-        let family = sys::socket_family(active.socket.as_fd()).ok()?;
+        let family = sys::family(active.socket.as_fd()).ok()?;
         Some((active.name.clone(), family))
     }
 

@@ -232,14 +232,7 @@ where
                 );
                 return;
             };
-            let Some(io) = handshake::within(
-                shaking,
-                &ctx.graceful,
-                ctx.handshake_timeout,
-                ctx.settings.idle_grace,
-            )
-            .await
-            else {
+            let Some(io) = ctx.shake(shaking).await else {
                 return;
             };
             let extend = info::both(extend, ctx.handshake_info.as_ref().map(|make| make(&io)));
@@ -289,6 +282,18 @@ where
         }
     }
 
+    /// Runs a connection's handshake within this loop's bounds (see
+    /// [`handshake::within`]).
+    async fn shake(&self, shaking: H::Future) -> Option<H::Io> {
+        handshake::within(
+            shaking,
+            &self.graceful,
+            self.handshake_timeout,
+            self.settings.idle_grace,
+        )
+        .await
+    }
+
     /// Hands a connection to the next generation.
     async fn hand_over(&self, io: H::Io, unread: Bytes) -> HandedOver<H::Io> {
         let Some(give_up) = &self.give_up else {
@@ -322,14 +327,7 @@ where
         let Some(shaking) = self.handshake.take_over(io, &back.learned) else {
             return HandedOver::Lost;
         };
-        match handshake::within(
-            shaking,
-            &self.graceful,
-            self.handshake_timeout,
-            self.settings.idle_grace,
-        )
-        .await
-        {
+        match self.shake(shaking).await {
             Some(io) => HandedOver::Back(io, back.unread),
             None => HandedOver::Lost,
         }

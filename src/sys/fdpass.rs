@@ -12,19 +12,19 @@ use super::MAX_PASSED_FDS;
 /// The most fds one message carries: the kernel's `SCM_MAX_FD`.
 pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
 
-/// Room for the control message of `MAX_FDS_PER_MESSAGE` fds, aligned as a
-/// `cmsghdr` must be.
+/// Room for the control messages of `MAX_FDS_PER_MESSAGE` fds and of a
+/// sender's credentials, aligned as a `cmsghdr` must be.
 #[repr(C)]
 struct ControlBuffer {
     _align: [libc::cmsghdr; 0],
-    bytes: [u8; 1056],
+    bytes: [u8; 1088],
 }
 
 impl ControlBuffer {
     fn new() -> Self {
         Self {
             _align: [],
-            bytes: [0; 1056],
+            bytes: [0; 1088],
         }
     }
 }
@@ -99,24 +99,27 @@ fn send_message(
 }
 
 /// What one `recvmsg` read.
-struct Received {
-    read: usize,
-    fds: Vec<OwnedFd>,
+pub(super) struct Received {
+    pub(super) read: usize,
+    pub(super) fds: Vec<OwnedFd>,
     /// The message was longer than the buffer (`MSG_TRUNC`).
     truncated: bool,
+    /// Who sent it, if the socket passes credentials (`SO_PASSCRED`).
+    #[cfg(target_os = "linux")]
+    pub(super) sender: Option<super::process::Sender>,
 }
 
 /// One `recvmsg` into `buf`, with the fds attached to what is read, each
 /// owned here and with `FD_CLOEXEC` set. An error if the sender attached
 /// more fds than fit (the kernel then closes the rest and says
 /// `MSG_CTRUNC`): what arrived is closed.
-fn recv_message(
+pub(super) fn recv_message(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
     flags: libc::c_int,
 ) -> io::Result<Received> {
     let mut control = ControlBuffer::new();
-    let space = control_space(MAX_FDS_PER_MESSAGE);
+    let space = control.bytes.len();
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -143,20 +146,37 @@ fn recv_message(
         }
     };
     let mut fds = Vec::new();
+    #[cfg(target_os = "linux")]
+    let mut sender = None;
     // SAFETY: the kernel has filled `msg_control` with `msg_controllen`
     // bytes of control messages; CMSG_FIRSTHDR/CMSG_NXTHDR walk them within
-    // that length, and an SCM_RIGHTS message's data is `cmsg_len -
+    // that length. An SCM_RIGHTS message's data is `cmsg_len -
     // CMSG_LEN(0)` bytes of fds, each new in this process and owned by
-    // nothing else yet.
+    // nothing else yet; an SCM_CREDENTIALS one holds one `ucred`.
     unsafe {
         let mut header = libc::CMSG_FIRSTHDR(&msg);
         while !header.is_null() {
-            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let data = libc::CMSG_DATA(header).cast::<RawFd>();
-                for i in 0..bytes / mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+            let bytes = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+            match ((*header).cmsg_level, (*header).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                    let data = libc::CMSG_DATA(header).cast::<RawFd>();
+                    for i in 0..bytes / mem::size_of::<RawFd>() {
+                        fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                    }
                 }
+                #[cfg(target_os = "linux")]
+                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
+                    if bytes >= mem::size_of::<libc::ucred>() =>
+                {
+                    let cred = libc::CMSG_DATA(header)
+                        .cast::<libc::ucred>()
+                        .read_unaligned();
+                    sender = Some(super::process::Sender {
+                        pid: cred.pid as u32,
+                        uid: cred.uid,
+                    });
+                }
+                _ => {}
             }
             header = libc::CMSG_NXTHDR(&msg, header);
         }
@@ -172,6 +192,8 @@ fn recv_message(
         read,
         fds,
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        #[cfg(target_os = "linux")]
+        sender,
     })
 }
 

@@ -103,17 +103,8 @@ pub(crate) fn adopt<T>(
 /// environment passed and was not taken, after an error, so that it does
 /// not leak into the application's children.
 pub(crate) fn set_cloexec_raw(fd: RawFd) {
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor flags of
-    // the fd numbered `fd`; on a number that is not open they fail with
-    // EBADF and touch nothing.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags != -1 {
-            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        }
+    if fd >= 0 {
+        let _ = set_cloexec_number(fd);
     }
 }
 
@@ -138,18 +129,22 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> 
     }
 }
 
-fn fstat_mode(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { mem::zeroed() };
     // SAFETY: `st` is valid for writes of one `stat`.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
         return Err(io::Error::last_os_error());
     }
-    Ok(st.st_mode)
+    Ok(st)
+}
+
+fn fstat_mode(fd: BorrowedFd<'_>) -> io::Result<libc::mode_t> {
+    Ok(fstat(fd)?.st_mode)
 }
 
 /// The address family of a socket, from `getsockname`.
-fn family(fd: BorrowedFd<'_>) -> io::Result<Family> {
+pub(crate) fn family(fd: BorrowedFd<'_>) -> io::Result<Family> {
     // SAFETY: an all-zero `sockaddr_storage` is a valid value.
     let mut addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -203,12 +198,17 @@ pub(crate) fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// Sets `FD_CLOEXEC`, so the fd does not leak into processes we `exec`.
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor flags of an
-    // fd that `BorrowedFd` guarantees is open.
+    set_cloexec_number(fd.as_raw_fd())
+}
+
+/// Sets `FD_CLOEXEC` on the fd numbered `fd`; `EBADF` if it is not open.
+fn set_cloexec_number(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor flags of
+    // the fd numbered `fd`; on a number that is not open they fail with
+    // EBADF and touch nothing.
     unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFD);
-        if flags == -1 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) == -1
-        {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags == -1 || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) == -1 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -244,29 +244,22 @@ pub(crate) fn is_seqpacket(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Checks that `fd`, handed over as a connection, is a stream socket of
 /// `family` that does not listen: a connection and nothing else.
 pub(crate) fn connected_stream_socket(fd: BorrowedFd<'_>, expected: Family) -> io::Result<()> {
-    let bad = |what: &str| Err(io::Error::new(io::ErrorKind::InvalidData, what.to_owned()));
-    if fstat_mode(fd)? & libc::S_IFMT != libc::S_IFSOCK {
-        return bad("it is not a socket");
-    }
-    if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
-        return bad("it is not a stream socket");
-    }
-    if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0 {
-        return bad("it is a listening socket");
+    let bad = |what: String| Err(io::Error::new(io::ErrorKind::InvalidData, what));
+    match listening_stream_socket(fd) {
+        Err(NotListener::NotListening) => {}
+        Ok(_) => return bad("it is a listening socket".into()),
+        Err(NotListener::Io(e)) => return Err(e),
+        Err(other) => return bad(other.to_string()),
     }
     let got = family(fd)?;
     if got != expected {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("it is {}, not {}", got.describe(), expected.describe()),
+        return bad(format!(
+            "it is {}, not {}",
+            got.describe(),
+            expected.describe()
         ));
     }
     Ok(())
-}
-
-/// The address family of a socket.
-pub(crate) fn socket_family(fd: BorrowedFd<'_>) -> io::Result<Family> {
-    family(fd)
 }
 
 /// The most fds one upgrade passes on (the listeners, the readiness
@@ -437,12 +430,7 @@ pub(crate) fn check_sealed(fd: BorrowedFd<'_>, limit: u64) -> Result<(), String>
             return Err("its memfd is not sealed against writes and resizing".into());
         }
     }
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { mem::zeroed() };
-    // SAFETY: `st` is valid for writes of one `stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
-        return Err(io::Error::last_os_error().to_string());
-    }
+    let st = fstat(fd).map_err(|e| e.to_string())?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err("it is not a file".into());
     }
@@ -507,12 +495,7 @@ pub(crate) struct FileId {
 impl FileId {
     /// The identity of what `fd` refers to.
     pub(crate) fn of_fd(fd: BorrowedFd<'_>) -> io::Result<Self> {
-        // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-        let mut st: libc::stat = unsafe { mem::zeroed() };
-        // SAFETY: `st` is valid for writes of one `stat`.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
+        let st = fstat(fd)?;
         Ok(Self {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,

@@ -114,70 +114,8 @@ pub(crate) fn recv_with_credentials(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> io::Result<(usize, Option<Sender>)> {
-    #[repr(C)]
-    struct Control {
-        _align: [libc::cmsghdr; 0],
-        bytes: [u8; 256],
-    }
-    let mut control = Control {
-        _align: [],
-        bytes: [0; 256],
-    };
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero `msghdr` is a valid value (null pointers, zero
-    // lengths); the fields that matter are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.bytes.as_mut_ptr().cast();
-    msg.msg_controllen = control.bytes.len() as _;
-    // SAFETY: `msg` points at `iov` (valid for writes of `buf.len()` bytes)
-    // and at `control` (256 aligned bytes), both alive for the call.
-    let read = unsafe {
-        libc::recvmsg(
-            fd.as_raw_fd(),
-            &mut msg,
-            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-        )
-    };
-    if read < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut sender = None;
-    // SAFETY: the kernel filled `msg_control` with `msg_controllen` bytes of
-    // control messages; CMSG_FIRSTHDR/CMSG_NXTHDR walk them within that
-    // length. An SCM_CREDENTIALS message holds one `ucred`; an SCM_RIGHTS
-    // one holds fds new in this process, owned by nothing else yet.
-    unsafe {
-        let mut header = libc::CMSG_FIRSTHDR(&msg);
-        while !header.is_null() {
-            let data = libc::CMSG_DATA(header);
-            let length = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-            match ((*header).cmsg_level, (*header).cmsg_type) {
-                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS)
-                    if length >= std::mem::size_of::<libc::ucred>() =>
-                {
-                    let cred = data.cast::<libc::ucred>().read_unaligned();
-                    sender = Some(Sender {
-                        pid: cred.pid as u32,
-                        uid: cred.uid,
-                    });
-                }
-                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
-                    for i in 0..length / std::mem::size_of::<libc::c_int>() {
-                        let fd = data.cast::<libc::c_int>().add(i).read_unaligned();
-                        drop(OwnedFd::from_raw_fd(fd));
-                    }
-                }
-                _ => {}
-            }
-            header = libc::CMSG_NXTHDR(&msg, header);
-        }
-    }
-    Ok((read as usize, sender))
+    let received = super::fdpass::recv_message(fd, buf, libc::MSG_DONTWAIT)?;
+    Ok((received.read, received.sender))
 }
 
 /// The parent of process `pid`, from `/proc/<pid>/stat`.
